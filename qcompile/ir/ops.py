@@ -1,0 +1,334 @@
+"""Operator schemas: attributes with defaults, shape/type inference and MAC counts.
+
+Layouts are NCHW; semantics follow ONNX unless stated.  Conventions:
+
+* ``conv2d(x, w[, b])``: ``w`` is (C_out, C_in/group, kH, kW); ``pads`` is
+  (top, left, bottom, right).  MACs = N * C_out * H_out * W_out * (C_in/group) * kH * kW.
+* ``linear(x, w[, b])``: y = x @ w^T + b with ``w`` (out, in) — torch's layout.
+  MACs = prod(x.shape[:-1]) * out * in.
+* ``matmul(a, b)``: numpy ``matmul`` broadcasting; MACs = prod(batch) * M * K * N.
+* ``batch_norm(x, scale, bias, mean, var)``: y = scale * (x - mean) / sqrt(var + epsilon) + bias
+  over channel axis 1 (inference form).
+* pools: ``kernel``, ``strides``, ``pads`` (t, l, b, r), ``ceil_mode``;
+  ``avg_pool2d`` has ``count_include_pad``.
+* ``clip(x)`` with attributes ``min``/``max`` (None = unbounded);
+  ``hardsigmoid``: max(0, min(1, alpha*x + beta)); ``hardswish``: x * hardsigmoid(x; 1/6, 1/2).
+* ``reshape`` takes a fully static target ``shape`` attribute (no -1 / 0 after import).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from qcompile.errors import IRVerificationError, ShapeError
+from qcompile.ir.graph import Node, TensorType
+
+REQUIRED = object()
+
+InferFn = Callable[[list, dict, Node], list]
+MacsFn = Callable[[list, list, dict], int]
+
+
+@dataclass(frozen=True)
+class OpSchema:
+    name: str
+    min_inputs: int
+    max_inputs: int
+    attrs: dict[str, Any]
+    infer_fn: InferFn
+    macs_fn: MacsFn | None = None
+    doc: str = ""
+    num_outputs: int = 1
+    elementwise: bool = False
+    weight_inputs: tuple[int, ...] = field(default=())
+
+    def complete_attrs(self, attrs: dict[str, Any], node_name: str = "") -> dict[str, Any]:
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise IRVerificationError(f"op '{self.name}' (node '{node_name}') has unknown attributes {sorted(unknown)}")
+        out = {}
+        for k, default in self.attrs.items():
+            if k in attrs:
+                v = attrs[k]
+                out[k] = tuple(v) if isinstance(v, list) else v
+            elif default is REQUIRED:
+                raise IRVerificationError(f"op '{self.name}' (node '{node_name}') needs attribute '{k}'")
+            else:
+                out[k] = default
+        return out
+
+    def infer(self, in_types: list[TensorType | None], attrs: dict[str, Any], node: Node) -> list[TensorType]:
+        n = len(in_types)
+        if not self.min_inputs <= n <= self.max_inputs:
+            raise IRVerificationError(
+                f"op '{self.name}' (node '{node.name}') takes {self.min_inputs}..{self.max_inputs} inputs, got {n}")
+        for i in range(self.min_inputs):
+            if in_types[i] is None:
+                raise IRVerificationError(f"op '{self.name}' (node '{node.name}') input {i} is required")
+        try:
+            return list(self.infer_fn(in_types, attrs, node))
+        except (ShapeError, IRVerificationError):
+            raise
+        except Exception as e:  # shape arithmetic failed: name the node
+            raise ShapeError(f"shape inference failed for op '{self.name}' at node '{node.name}' "
+                             f"with inputs {[str(t) for t in in_types]}: {e}") from e
+
+    def macs(self, in_types: list, out_types: list, attrs: dict[str, Any]) -> int:
+        return int(self.macs_fn(in_types, out_types, attrs)) if self.macs_fn else 0
+
+
+_REGISTRY: dict[str, OpSchema] = {}
+
+
+def register(schema: OpSchema) -> OpSchema:
+    if schema.name in _REGISTRY:
+        raise ValueError(f"op '{schema.name}' registered twice")
+    _REGISTRY[schema.name] = schema
+    return schema
+
+
+def get(name: str) -> OpSchema:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise IRVerificationError(f"unknown IR op '{name}'; known: {sorted(_REGISTRY)}") from None
+
+
+def all_ops() -> dict[str, OpSchema]:
+    return dict(_REGISTRY)
+
+
+# --------------------------------------------------------------------- helpers
+def _check(cond: bool, node: Node, msg: str) -> None:
+    if not cond:
+        raise ShapeError(f"node '{node.name}' ({node.op}): {msg}")
+
+
+def broadcast_shapes(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
+
+
+def conv_out_size(size: int, k: int, stride: int, pad_begin: int, pad_end: int, dilation: int,
+                  ceil_mode: bool = False) -> int:
+    eff = dilation * (k - 1) + 1
+    num = size + pad_begin + pad_end - eff
+    out = (math.ceil(num / stride) if ceil_mode else num // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pad_begin:
+        out -= 1  # last window must start inside the input or left padding (ONNX/torch rule)
+    return out
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# --------------------------------------------------------------------- conv / linear
+def _conv2d_infer(t, a, node):
+    x, w = t[0], t[1]
+    _check(x.rank == 4 and w.rank == 4, node, f"expects 4-D input and weight, got {x} and {w}")
+    n, c, h, wd = x.shape
+    co, cig, kh, kw = w.shape
+    g = a["group"]
+    _check(c % g == 0 and co % g == 0, node, f"channels {c}->{co} not divisible by group {g}")
+    _check(cig * g == c, node, f"weight expects {cig * g} input channels, input has {c}")
+    if len(t) > 2 and t[2] is not None:
+        _check(t[2].shape == (co,), node, f"bias shape {t[2].shape} != ({co},)")
+    st, pd, dl = a["strides"], a["pads"], a["dilations"]
+    ho = conv_out_size(h, kh, st[0], pd[0], pd[2], dl[0])
+    wo = conv_out_size(wd, kw, st[1], pd[1], pd[3], dl[1])
+    _check(ho > 0 and wo > 0, node, f"output spatial size {ho}x{wo} is empty")
+    return [TensorType((n, co, ho, wo), x.dtype)]
+
+
+def _conv2d_macs(t, o, a):
+    co, cig, kh, kw = t[1].shape
+    n, _, ho, wo = o[0].shape
+    return n * co * ho * wo * cig * kh * kw
+
+
+register(OpSchema(
+    "conv2d", 2, 3,
+    {"strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1), "group": 1},
+    _conv2d_infer, _conv2d_macs, weight_inputs=(1, 2),
+    doc="2-D convolution, NCHW / OIHW, pads (t,l,b,r)."))
+
+
+def _linear_infer(t, a, node):
+    x, w = t[0], t[1]
+    _check(w.rank == 2, node, f"weight must be 2-D (out, in), got {w}")
+    _check(x.rank >= 1 and x.shape[-1] == w.shape[1], node, f"input {x} does not match weight {w}")
+    if len(t) > 2 and t[2] is not None:
+        _check(t[2].shape == (w.shape[0],), node, f"bias shape {t[2].shape} != ({w.shape[0]},)")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+
+
+register(OpSchema(
+    "linear", 2, 3, {}, _linear_infer,
+    lambda t, o, a: int(np.prod(t[0].shape[:-1], dtype=np.int64)) * t[1].shape[0] * t[1].shape[1],
+    weight_inputs=(1, 2), doc="y = x @ w^T + b, w is (out, in)."))
+
+
+def _matmul_infer(t, a, node):
+    x, y = t
+    _check(x.rank >= 2 and y.rank >= 2, node, f"matmul needs rank >= 2 operands, got {x}, {y}")
+    _check(x.shape[-1] == y.shape[-2], node, f"inner dimensions differ: {x} @ {y}")
+    batch = broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    return [TensorType(batch + (x.shape[-2], y.shape[-1]), x.dtype)]
+
+
+register(OpSchema(
+    "matmul", 2, 2, {}, _matmul_infer,
+    lambda t, o, a: int(np.prod(o[0].shape, dtype=np.int64)) * t[0].shape[-1],
+    doc="numpy-style batched matrix multiply."))
+
+
+def _bn_infer(t, a, node):
+    x = t[0]
+    _check(x.rank >= 2, node, f"batch_norm needs rank >= 2, got {x}")
+    for p in t[1:]:
+        _check(p.shape == (x.shape[1],), node, f"parameter shape {p.shape} != ({x.shape[1]},)")
+    return [x]
+
+
+register(OpSchema("batch_norm", 5, 5, {"epsilon": 1e-5}, _bn_infer,
+                  lambda t, o, a: t[0].numel, weight_inputs=(1, 2, 3, 4),
+                  doc="inference batch norm over axis 1."))
+
+
+# --------------------------------------------------------------------- elementwise
+def _same(t, a, node):
+    return [t[0]]
+
+
+UNARY_OPS = {
+    "relu": {}, "sigmoid": {}, "tanh": {}, "exp": {}, "sqrt": {}, "erf": {}, "neg": {},
+    "abs": {}, "reciprocal": {}, "identity": {}, "hardswish": {}, "silu": {},
+    "hardsigmoid": {"alpha": 0.2, "beta": 0.5},
+    "clip": {"min": None, "max": None},
+    "leaky_relu": {"alpha": 0.01},
+    "gelu": {"approximate": "none"},
+}
+for _name, _attrs in UNARY_OPS.items():
+    register(OpSchema(_name, 1, 1, _attrs, _same, elementwise=True))
+
+
+def _binary_infer(t, a, node):
+    x, y = t
+    try:
+        shape = broadcast_shapes(x.shape, y.shape)
+    except ValueError:
+        raise ShapeError(f"node '{node.name}' ({node.op}): cannot broadcast {x} with {y}") from None
+    _check(x.dtype == y.dtype, node, f"dtype mismatch {x.dtype} vs {y.dtype}")
+    return [TensorType(shape, x.dtype)]
+
+
+BINARY_OPS = ("add", "sub", "mul", "div", "pow", "max", "min")
+for _name in BINARY_OPS:
+    register(OpSchema(_name, 2, 2, {}, _binary_infer, elementwise=True,
+                      doc="numpy broadcasting elementwise binary op."))
+
+
+# --------------------------------------------------------------------- pooling
+def _pool_infer(t, a, node):
+    x = t[0]
+    _check(x.rank == 4, node, f"expects NCHW input, got {x}")
+    n, c, h, w = x.shape
+    k, st, pd = a["kernel"], a["strides"], a["pads"]
+    dl = a.get("dilations", (1, 1))
+    ceil = bool(a["ceil_mode"])
+    ho = conv_out_size(h, k[0], st[0], pd[0], pd[2], dl[0], ceil)
+    wo = conv_out_size(w, k[1], st[1], pd[1], pd[3], dl[1], ceil)
+    _check(ho > 0 and wo > 0, node, f"output spatial size {ho}x{wo} is empty")
+    return [TensorType((n, c, ho, wo), x.dtype)]
+
+
+_POOL = {"kernel": REQUIRED, "strides": (1, 1), "pads": (0, 0, 0, 0), "ceil_mode": 0}
+register(OpSchema("max_pool2d", 1, 1, {**_POOL, "dilations": (1, 1)}, _pool_infer,
+                  lambda t, o, a: o[0].numel * a["kernel"][0] * a["kernel"][1]))
+register(OpSchema("avg_pool2d", 1, 1, {**_POOL, "count_include_pad": 0}, _pool_infer,
+                  lambda t, o, a: o[0].numel * a["kernel"][0] * a["kernel"][1]))
+
+
+def _gap_infer(t, a, node):
+    x = t[0]
+    _check(x.rank == 4, node, f"expects NCHW input, got {x}")
+    return [TensorType(x.shape[:2] + (1, 1), x.dtype)]
+
+
+register(OpSchema("global_avg_pool", 1, 1, {}, _gap_infer, lambda t, o, a: t[0].numel,
+                  doc="mean over H and W, keeps dims: (N,C,H,W) -> (N,C,1,1)."))
+
+
+def _reduce_infer(t, a, node):
+    x = t[0]
+    axes = sorted(_norm_axis(ax, x.rank) for ax in a["axes"])
+    _check(all(0 <= ax < x.rank for ax in axes), node, f"axes {a['axes']} out of range for {x}")
+    if a["keepdims"]:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    else:
+        shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    return [TensorType(shape, x.dtype)]
+
+
+register(OpSchema("reduce_mean", 1, 1, {"axes": REQUIRED, "keepdims": 1}, _reduce_infer,
+                  lambda t, o, a: t[0].numel))
+
+
+# --------------------------------------------------------------------- layout
+def _concat_infer(t, a, node):
+    r = t[0].rank
+    ax = _norm_axis(a["axis"], r)
+    _check(0 <= ax < r, node, f"axis {a['axis']} out of range for rank {r}")
+    for x in t[1:]:
+        _check(x.rank == r and all(x.shape[i] == t[0].shape[i] for i in range(r) if i != ax),
+               node, f"operands {[str(x) for x in t]} disagree off axis {ax}")
+    shape = list(t[0].shape)
+    shape[ax] = sum(x.shape[ax] for x in t)
+    return [TensorType(tuple(shape), t[0].dtype)]
+
+
+register(OpSchema("concat", 1, 1 << 16, {"axis": REQUIRED}, _concat_infer))
+
+
+def _reshape_infer(t, a, node):
+    shape = tuple(int(d) for d in a["shape"])
+    _check(all(d >= 0 for d in shape), node, f"reshape target {shape} must be static (no -1/0)")
+    _check(int(np.prod(shape, dtype=np.int64)) == t[0].numel, node, f"cannot reshape {t[0]} to {shape}")
+    return [TensorType(shape, t[0].dtype)]
+
+
+register(OpSchema("reshape", 1, 1, {"shape": REQUIRED}, _reshape_infer))
+
+
+def _flatten_infer(t, a, node):
+    x = t[0]
+    ax = _norm_axis(a["axis"], x.rank)
+    lead = int(np.prod(x.shape[:ax], dtype=np.int64))
+    return [TensorType((lead, x.numel // max(lead, 1) if lead else 0), x.dtype)]
+
+
+register(OpSchema("flatten", 1, 1, {"axis": 1}, _flatten_infer))
+
+
+def _transpose_infer(t, a, node):
+    x = t[0]
+    perm = tuple(a["perm"])
+    _check(sorted(perm) == list(range(x.rank)), node, f"perm {perm} invalid for {x}")
+    return [TensorType(tuple(x.shape[p] for p in perm), x.dtype)]
+
+
+register(OpSchema("transpose", 1, 1, {"perm": REQUIRED}, _transpose_infer))
+
+
+def _softmax_infer(t, a, node):
+    ax = _norm_axis(a["axis"], t[0].rank)
+    _check(0 <= ax < t[0].rank, node, f"axis {a['axis']} out of range for {t[0]}")
+    return [t[0]]
+
+
+register(OpSchema("softmax", 1, 1, {"axis": -1}, _softmax_infer,
+                  lambda t, o, a: t[0].numel))
