@@ -1,0 +1,4 @@
+from qcompile.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Backends: torch (reference), onnxruntime; TVM next. See base.py for the contract."""

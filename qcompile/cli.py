@@ -1,0 +1,207 @@
+"""Command line: ``qcompile compile | passes | inspect | run``.
+
+Exit codes: 0 success, 2 usage or input error (bad model, pipeline, shape, target),
+1 internal error (a bug, or an artifact that failed verification).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from qcompile.errors import InputError, QCompileError, ShapeError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="path to an .onnx file, or module:factory returning a torch nn.Module")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
+                   help="static shape for an input (specialises dynamic dims); repeatable")
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from qcompile.compiler import CompileOptions, compile_model
+    from qcompile.frontends import parse_input_shapes
+    from qcompile.passes.instruments import DumpIR, PrintAfterChange, Timing
+
+    instruments = []
+    timing = Timing() if args.timing else None
+    if timing:
+        instruments.append(timing)
+    if args.dump_ir:
+        instruments.append(DumpIR(args.dump_ir))
+    if args.print_after_change:
+        instruments.append(PrintAfterChange())
+    opts = CompileOptions(input_shapes=parse_input_shapes(args.input_shape), calibration=args.calib,
+                          num_calibration=args.num_calib, verify_each_pass=args.verify_each_pass,
+                          max_rel_error=args.max_rel_error, force=args.force, instruments=instruments,
+                          repro_dir=Path(args.repro_dir) if args.repro_dir else None)
+    result = compile_model(args.model, args.pipeline, args.target, args.out, opts)
+    if timing:
+        print(timing.table(), file=sys.stderr)
+    m = result.manifest
+    v = m["verification"]
+    before, after = m["costs"]["before"], m["costs"]["after"]
+    print(f"compiled {args.model} -> {result.out_dir} [target {m['target']['name']}]")
+    print(f"  pipeline: {m['pipeline'] or '(none)'}")
+    print(f"  MACs {before['macs']:,} -> {after['macs']:,}; params {before['params']:,} -> {after['params']:,}; "
+          f"nodes {before['nodes']} -> {after['nodes']}")
+    print(f"  verified on {v['feeds']} feeds ({v['calibration']}): max abs error {v['max_abs_error']:.3g}, "
+          f"max rel error {v['max_rel_error']:.3g}")
+    for name, f in m["files"].items():
+        print(f"  {name}  {f['bytes']:,} bytes  sha256 {f['sha256'][:16]}...")
+    return 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from qcompile.passes import PASSES
+    from qcompile.passes.base import option_docs
+    from qcompile.targets import TARGETS
+
+    print("passes:")
+    for name, cls in sorted(PASSES.items()):
+        kind = "exact" if cls.exact else "lossy"
+        print(f"  {name:<18} [{kind}] {cls.summary}")
+        for o in option_docs(cls.Options):
+            print(f"      {o['name']}: {o['type']} = {o['default']!r}  {o['doc']}")
+    print("targets:")
+    for t in TARGETS.values():
+        print(f"  {t.name:<18} {t.description}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from qcompile.frontends import load_model, parse_input_shapes
+    from qcompile.ir.costs import format_cost_table
+    from qcompile.ir.printer import format_graph
+    from qcompile.passes import PassManager, parse_pipeline
+
+    loaded = load_model(args.model, parse_input_shapes(args.input_shape))
+    graph = loaded.graph
+    if args.pipeline:
+        graph = PassManager(parse_pipeline(args.pipeline)).run(graph)
+    if not args.costs_only:
+        print(format_graph(graph, constants=args.constants))
+        print()
+    print(format_cost_table(graph, only_heavy=not args.all_nodes))
+    return 0
+
+
+def _parse_run_inputs(items: Sequence[str], manifest: dict) -> dict[str, np.ndarray]:
+    specs = {i["name"]: i for i in manifest["inputs"]}
+    feed: dict[str, np.ndarray] = {}
+    for item in items:
+        name, sep, path = item.rpartition("=")
+        if not sep:
+            if len(specs) != 1:
+                raise InputError(f"model has inputs {list(specs)}: use --input NAME=file.npy")
+            name, path = next(iter(specs)), item
+        try:
+            data = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot read input file '{path}': {e}") from e
+        if isinstance(data, np.lib.npyio.NpzFile):
+            feed.update({k: data[k] for k in data.files})
+        else:
+            feed[name] = data
+    for name, spec in specs.items():
+        if name not in feed:
+            raise InputError(f"missing input '{name}' (expected shape {spec['shape']}, {spec['dtype']})")
+        arr = np.asarray(feed[name])
+        if list(arr.shape) != spec["shape"]:
+            raise ShapeError(f"input '{name}' has shape {list(arr.shape)}, the artifact expects {spec['shape']}")
+        feed[name] = arr.astype(spec["dtype"], copy=False)
+    extra = set(feed) - set(specs)
+    if extra:
+        raise InputError(f"unknown inputs {sorted(extra)}; the artifact takes {list(specs)}")
+    return feed
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from qcompile.artifact import read_manifest
+    from qcompile.targets import get_target
+
+    out_dir = Path(args.artifact)
+    manifest = read_manifest(out_dir)
+    runner = get_target(manifest["target"]["name"]).backend.load(out_dir, manifest)
+    feed = _parse_run_inputs(args.input, manifest)
+    outputs = runner.run(feed)
+    for spec, y in zip(manifest["outputs"], outputs):
+        flat = y.reshape(-1)
+        extra = f" argmax(last axis)={np.argmax(y, axis=-1).tolist()}" if y.ndim >= 1 and y.shape[-1] > 1 else ""
+        print(f"{spec['name']}: shape {list(y.shape)} {y.dtype} first={np.array2string(flat[:6], precision=4)}{extra}")
+    if args.output:
+        np.savez(args.output, **{s["name"]: y for s, y in zip(manifest["outputs"], outputs)})
+        print(f"outputs saved to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print tracebacks for all errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model through a pipeline for a target")
+    _add_model_args(c)
+    c.add_argument("-p", "--pipeline", default="", help="pipeline text, e.g. 'fold-bn,dead-code,annotate-costs'")
+    c.add_argument("-t", "--target", default="onnxruntime", help="target name (see `qcompile passes`)")
+    c.add_argument("-o", "--out", required=True, help="output directory (created atomically)")
+    c.add_argument("--calib", help=".npy (N, ...) or .npz keyed by input name: real calibration samples")
+    c.add_argument("--num-calib", type=int, default=16, help="calibration feeds used for verification")
+    c.add_argument("--verify-each-pass", action="store_true", help="check numerics after every pass")
+    c.add_argument("--max-rel-error", type=float, help="fail if the artifact's relative error exceeds this")
+    c.add_argument("--timing", action="store_true", help="print per-pass timing")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass to DIR/NNN_<pass>.txt")
+    c.add_argument("--print-after-change", action="store_true", help="print the IR after each pass that changed it")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--repro-dir", help="where a failing compile writes its reproducer (default: cache dir)")
+    c.set_defaults(fn=_cmd_compile)
+
+    p = sub.add_parser("passes", help="list passes (with options) and targets")
+    p.set_defaults(fn=_cmd_passes)
+
+    i = sub.add_parser("inspect", help="print a model's IR and cost table")
+    _add_model_args(i)
+    i.add_argument("-p", "--pipeline", default="", help="run this pipeline first")
+    i.add_argument("--costs-only", action="store_true")
+    i.add_argument("--constants", action="store_true", help="list constants too")
+    i.add_argument("--all-nodes", action="store_true", help="cost table rows for every node, not just heavy ones")
+    i.set_defaults(fn=_cmd_inspect)
+
+    r = sub.add_parser("run", help="run a compiled artifact")
+    r.add_argument("artifact", help="artifact directory written by `qcompile compile`")
+    r.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE.npy",
+                   help="input array (.npy, or .npz keyed by input name); repeatable")
+    r.add_argument("--output", help="save outputs to this .npz")
+    r.set_defaults(fn=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except QCompileError as e:
+        if args.debug:
+            traceback.print_exc()
+        kind = "error" if isinstance(e, InputError) else "internal error"
+        print(f"qcompile: {kind}: {e}", file=sys.stderr)
+        for note in getattr(e, "__notes__", []):
+            print(f"qcompile: {note}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - an uncaught exception is a qcompile bug
+        traceback.print_exc()
+        print(f"qcompile: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

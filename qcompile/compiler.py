@@ -1,0 +1,169 @@
+"""``compile``: model -> IR -> pipeline -> backend artifact, verified, written atomically.
+
+Steps (each failure names its cause; ``OUT`` is only created at the end):
+
+1. load the model (frontend) with a reference runner on the *original* model;
+2. run the pipeline (user passes + the target's phase list) under the pass
+   manager, which verifies structure after every pass and numerics when asked;
+3. build the artifact into a temporary directory, *load it back* with the
+   backend and run it on the calibration feeds;
+4. compare against the original model: for a pipeline of exact passes the
+   artifact must match within the fp32 tolerance, otherwise ``NumericsError``;
+   lossy pipelines record their error (and are bounded by ``max_rel_error``);
+5. write ``manifest.json`` (inputs/outputs, pipeline, target, per-layer
+   provenance, verification, sha256 of every file, tool versions) and rename
+   the directory into place.
+
+If a step after loading fails with an internal error, a reproducer (pipeline text +
+input model as ONNX + traceback + replay script) is written to ``repro_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompile.artifact import MANIFEST, atomic_directory, file_table, tool_versions, write_json, write_reproducer
+from qcompile.cache import cache_dir
+from qcompile.errors import InputError, NumericsError, QCompileError
+from qcompile.frontends import LoadedModel, load_model
+from qcompile.ir.costs import graph_costs, totals
+from qcompile.passes import PassContext, PassManager, parse_pipeline
+from qcompile.passes.manager import max_rel_error, run_feeds, within_fp32_tolerance
+from qcompile.targets import get_target
+
+FP32_RTOL = 1e-4
+"""fp32 tolerance: |y - y_ref| <= FP32_ATOL_REL * max|y_ref| + FP32_RTOL * |y_ref| (exact pipelines)."""
+FP32_ATOL_REL = 1e-5
+
+
+@dataclass
+class CompileOptions:
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    calibration: str | None = None
+    num_calibration: int = 16
+    verify_each_pass: bool = False
+    max_rel_error: float | None = None
+    force: bool = False
+    instruments: list = field(default_factory=list)
+    repro_dir: Path | None = None
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    records: list
+
+
+def _layers(graph) -> list[dict[str, Any]]:
+    rows = []
+    for n, c in zip(graph.nodes, graph_costs(graph)):
+        if not (c.macs or c.params or n.meta.get("provenance")):
+            continue
+        rows.append({"node": n.name, "op": n.op, "macs": c.macs, "params": c.params,
+                     "out_shape": list(c.out_shape), "provenance": n.meta.get("provenance", [])})
+    return rows
+
+
+def _io(graph, names) -> list[dict[str, Any]]:
+    return [{"name": n, "shape": list(graph.types[n].shape), "dtype": graph.types[n].dtype} for n in names]
+
+
+def compile_model(model: str | LoadedModel, pipeline: str, target: str, out: str | Path,
+                  options: CompileOptions | None = None) -> CompileResult:
+    opts = options or CompileOptions()
+    tgt = get_target(target)
+    passes = parse_pipeline(pipeline) + parse_pipeline(",".join(tgt.phases))
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise InputError(f"output '{out}' already exists (use --force to replace it)")
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, opts.input_shapes, opts.calibration, opts.num_calibration)
+    try:
+        return _compile_loaded(loaded, passes, tgt, out, opts)
+    except InputError:
+        raise
+    except QCompileError as e:
+        _reproduce(loaded, pipeline, target, opts, e)
+        raise
+    except Exception as e:  # an internal bug: keep a reproducer, re-raise
+        _reproduce(loaded, pipeline, target, opts, e)
+        raise
+
+
+def _reproduce(loaded: LoadedModel, pipeline: str, target: str, opts: CompileOptions, err: BaseException) -> None:
+    try:
+        from qcompile.frontends.onnx_export import to_onnx
+
+        model_bytes = to_onnx(loaded.graph).SerializeToString()
+    except Exception:  # noqa: BLE001 - the reproducer must not mask the real error
+        model_bytes = None
+    digest = hashlib.sha256((pipeline + target + loaded.spec).encode()).hexdigest()[:10]
+    root = opts.repro_dir or (cache_dir() / "repro")
+    where = root / f"{loaded.graph.name}-{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
+    extra = [f"--input-shape {k}={'x'.join(map(str, v))}" for k, v in opts.input_shapes.items()]
+    try:
+        path = write_reproducer(where, model_onnx=model_bytes, original_spec=loaded.spec, pipeline=pipeline,
+                                target=target, extra_args=extra, error=err)
+        err.add_note(f"reproducer written to {path} (replay.sh re-runs the failing compile)")
+    except OSError:
+        pass
+
+
+def _compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOptions) -> CompileResult:
+    graph_in = loaded.graph
+    ctx = PassContext(calibration=loaded.calibration, instruments=list(opts.instruments),
+                      verify_numerics=opts.verify_each_pass, rtol=FP32_RTOL, atol_rel=FP32_ATOL_REL)
+    pm = PassManager(passes)
+    graph = pm.run(graph_in, ctx)
+    exact = all(p.exact for p in passes)
+    backend = tgt.backend
+    reference = run_feeds(loaded.reference, loaded.calibration)
+    with atomic_directory(out, force=opts.force) as tmp:
+        files = backend.build(graph, tmp)
+        runner = backend.load(tmp, {"files": files})
+        outputs = run_feeds(lambda feed: runner.run(feed), loaded.calibration)
+        rel = max_rel_error(outputs, reference)
+        abs_err = max(float(np.max(np.abs(o.astype(np.float64) - r))) for o, r in zip(outputs, reference))
+        within = within_fp32_tolerance(outputs, reference, FP32_RTOL, FP32_ATOL_REL)
+        if exact and not within:
+            raise NumericsError(
+                f"artifact for target '{tgt.name}' differs from the original model beyond fp32 tolerance: "
+                f"max abs error {abs_err:.3g}, max relative error {rel:.3g} (rtol={FP32_RTOL}, "
+                f"atol={FP32_ATOL_REL}*max|ref|) on {len(loaded.calibration)} calibration feeds")
+        if opts.max_rel_error is not None and rel > opts.max_rel_error:
+            raise NumericsError(f"artifact error {rel:.3g} exceeds --max-rel-error {opts.max_rel_error}")
+        manifest = {
+            "format": "qcompile-artifact/1",
+            "source": graph_in.meta.get("source", {"spec": loaded.spec}),
+            "pipeline": pm.text,
+            "target": tgt.as_dict(),
+            "backend": backend.name,
+            "inputs": _io(graph, graph.inputs),
+            "outputs": _io(graph, graph.outputs),
+            "verification": {
+                "against": "original model (" + ("onnxruntime on the source file" if loaded.spec.endswith(".onnx")
+                                                 else "torch module") + ")",
+                "calibration": loaded.calibration_source,
+                "feeds": len(loaded.calibration),
+                "max_abs_error": abs_err,
+                "max_rel_error": rel,
+                "exact_pipeline": exact,
+                "tolerance": {"rtol": FP32_RTOL, "atol_rel": FP32_ATOL_REL} if exact else
+                {"max_rel_error": opts.max_rel_error},
+                "within_fp32_tolerance": within,
+            },
+            "passes": [{k: v for k, v in r.as_dict().items() if k != "seconds"} for r in pm.records],
+            "costs": {"before": totals(graph_costs(graph_in)), "after": totals(graph_costs(graph))},
+            "layers": _layers(graph),
+            "versions": {**tool_versions(), **backend.versions()},
+            "files": file_table(tmp, files),
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return CompileResult(out, manifest, pm.records)

@@ -1,0 +1,17 @@
+"""Passes and the explicit registry of pass names.
+
+``PASSES`` maps each kebab-case name to its class; it is a plain dict built here,
+not by import side effects, so what is registered is visible in one place.
+"""
+
+from qcompile.passes.annotate_costs import AnnotateCosts
+from qcompile.passes.base import Pass, PassContext, PassResult
+from qcompile.passes.dead_code import DeadCode
+from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.manager import PassManager, Sequential
+from qcompile.passes.pipeline import format_pipeline, parse_pipeline
+
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, DeadCode, AnnotateCosts)}
+
+__all__ = ["PASSES", "AnnotateCosts", "DeadCode", "FoldBatchNorm", "Pass", "PassContext", "PassManager",
+           "PassResult", "Sequential", "format_pipeline", "parse_pipeline"]
