@@ -1,0 +1,1 @@
+"""Real datasets shipped inside installed packages (no downloads at run time)."""

@@ -1,0 +1,1 @@
+"""Bundled and third-party models."""
