@@ -101,6 +101,7 @@ def _specialise_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
     keep = [i for i in model.graph.input if i.name not in inits]
     del model.graph.input[:]
     model.graph.input.extend(keep)
+    real_inputs = list(model.graph.input)  # extend() copied: edit the messages now in the model
     final: dict[str, tuple] = {}
     for vi in real_inputs:
         dims = vi.type.tensor_type.shape.dim
@@ -127,6 +128,12 @@ def _specialise_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
             d.Clear()
             d.dim_value = int(v)
         final[vi.name] = shape
+    # symbolic dims elsewhere refer to the input symbols just fixed: let shape inference redo them
+    del model.graph.value_info[:]
+    for vo in model.graph.output:
+        for d in vo.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.Clear()
     return final
 
 
