@@ -127,7 +127,8 @@ def _compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOp
     reference = run_feeds(loaded.reference, loaded.calibration)
     with atomic_directory(out, force=opts.force) as tmp:
         files = backend.build(graph, tmp)
-        runner = backend.load(tmp, {"files": files})
+        runner = backend.load(tmp, {"files": files, "inputs": _io(graph, graph.inputs),
+                                    "outputs": _io(graph, graph.outputs)})
         outputs = run_feeds(lambda feed: runner.run(feed), loaded.calibration)
         rel = max_rel_error(outputs, reference)
         abs_err = max(float(np.max(np.abs(o.astype(np.float64) - r))) for o, r in zip(outputs, reference))

@@ -27,6 +27,14 @@ def _onnxruntime() -> Backend:
     return OnnxRuntimeBackend()
 
 
+def _tvm(name: str) -> Callable[[], Backend]:
+    def make() -> Backend:
+        from qcompile.backends.tvm.backend import TvmBackend
+
+        return TvmBackend(name)
+    return make
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -45,6 +53,11 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("torch", "PyTorch eager (reference interpreter); artifact: model.onnx", _torch),
     Target("onnxruntime", "onnxruntime CPU execution provider; artifact: model.onnx", _onnxruntime),
+    Target("tvm-x86", "Apache TVM, x86-64 host CPU (AVX-512 where present); artifact: model.so", _tvm("x86")),
+    Target("tvm-arm64", "Apache TVM, aarch64 +neon, cross-compiled; runs over TVM RPC (QCOMPILE_RPC)",
+           _tvm("arm64")),
+    Target("tvm-arm64-dotprod", "Apache TVM, aarch64 +neon +dotprod (Cortex-A76+); runs over TVM RPC",
+           _tvm("arm64-dotprod")),
 )}
 
 

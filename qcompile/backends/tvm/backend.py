@@ -1,0 +1,166 @@
+"""The TVM backends: ``tvm-x86`` (host) and ``tvm-arm64`` (cross-compiled, run over TVM RPC).
+
+Artifact: ``model.so`` — a shared library holding the Relax VM executable and all
+kernels with the weights embedded; a board needs only the TVM runtime to load it.
+For arm64 the library is linked with ``aarch64-linux-gnu-g++`` and executed on a
+remote device reached through TVM RPC: ``QCOMPILE_RPC=host:port`` (a server) or
+``QCOMPILE_RPC_TRACKER=host:port`` plus ``QCOMPILE_RPC_KEY`` (a tracker with a fleet
+of boards).  The same code drives a physical board or the emulated one
+(``scripts/arm_board.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from qcompile.backends.base import Backend, Runner
+from qcompile.errors import TargetError
+from qcompile.ir.graph import Graph
+
+ARTIFACT = "model.so"
+
+
+def set_threads(n: int | None = None) -> None:
+    """Use ``n`` worker threads in TVM's runtime pool (default: all cores of this machine)."""
+    import tvm
+
+    n = n or len(os.sched_getaffinity(0))
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+
+
+def _outputs(obj) -> list[np.ndarray]:
+    if hasattr(obj, "numpy"):
+        return [obj.numpy()]
+    return [o.numpy() for o in obj]
+
+
+class LocalTvmRunner(Runner):
+    def __init__(self, lib, graph_inputs: list[str], graph_outputs: list[str], threads: int | None = None):
+        import tvm
+        from tvm import relax
+
+        set_threads(threads)
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(lib, self.device)
+        self.input_names = graph_inputs
+        self.output_names = graph_outputs
+
+    def tensors(self, inputs: Mapping[str, np.ndarray]) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), self.device) for n in self.input_names]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return _outputs(self.vm["main"](*self.tensors(inputs)))
+
+    def time(self, inputs: Mapping[str, np.ndarray], number: int = 10, repeat: int = 5) -> list[float]:
+        """Per-run seconds (``repeat`` medians of ``number`` calls), measured by TVM's evaluator."""
+        f = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
+        return list(f(*self.tensors(inputs)).results)
+
+
+def rpc_session():
+    """Connect to the remote device named by QCOMPILE_RPC / QCOMPILE_RPC_TRACKER (+ QCOMPILE_RPC_KEY)."""
+    from tvm import rpc
+
+    direct = os.environ.get("QCOMPILE_RPC")
+    tracker = os.environ.get("QCOMPILE_RPC_TRACKER")
+    try:
+        if direct:
+            host, port = direct.rsplit(":", 1)
+            return rpc.connect(host, int(port), session_timeout=600)
+        if tracker:
+            host, port = tracker.rsplit(":", 1)
+            key = os.environ.get("QCOMPILE_RPC_KEY", "arm64")
+            return rpc.connect_tracker(host, int(port)).request(key, session_timeout=600)
+    except Exception as e:  # noqa: BLE001
+        raise TargetError(f"cannot reach the arm64 device over TVM RPC ({direct or tracker}): {e}") from e
+    raise TargetError("target tvm-arm64 runs on a remote board: set QCOMPILE_RPC=host:port (an RPC server, e.g. "
+                      "the emulated board from `python scripts/arm_board.py serve`) or QCOMPILE_RPC_TRACKER=host:port "
+                      "with QCOMPILE_RPC_KEY")
+
+
+class RemoteTvmRunner(Runner):
+    """Runs ``model.so`` on a remote device: upload, load, set_input / invoke_stateful / get_outputs."""
+
+    def __init__(self, lib_path: Path, graph_inputs: list[str], graph_outputs: list[str]):
+        from tvm import relax
+
+        self.session = rpc_session()
+        self.session.upload(str(lib_path))
+        lib = self.session.load_module(lib_path.name)
+        self.device = self.session.cpu()
+        self.vm = relax.VirtualMachine(lib, self.device)
+        self.input_names = graph_inputs
+        self.output_names = graph_outputs
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), self.device) for n in self.input_names]
+        self.vm.set_input("main", *args)
+        self.vm.invoke_stateful("main")
+        out = self.vm.get_outputs("main")
+        if hasattr(out, "numpy"):
+            return [out.numpy()]
+        return [out[i].numpy() for i in range(len(self.output_names))]
+
+
+class TvmBackend(Backend):
+    """Apache TVM (Relax) for a CPU target; ``target_name``: x86 | arm64 | arm64-dotprod."""
+
+    def __init__(self, target_name: str = "x86", threads: int | None = None):
+        from qcompile.backends.tvm.lowering import resolve
+
+        self.cpu = resolve(target_name)
+        self.name = f"tvm-{target_name}"
+        self.threads = threads
+
+    def compile(self, graph: Graph):
+        from qcompile.backends.tvm.lowering import build
+
+        return build(graph, self.cpu)
+
+    def export(self, executable, path: Path) -> None:
+        if self.cpu.cross_cc:
+            from tvm.contrib import cc
+
+            executable.export_library(str(path), fcompile=cc.cross_compiler(self.cpu.cross_cc))
+        else:
+            executable.export_library(str(path))
+
+    def build(self, graph: Graph, out_dir: Path, options: Mapping[str, Any] | None = None) -> list[str]:
+        self.export(self.compile(graph), Path(out_dir) / ARTIFACT)
+        return [ARTIFACT]
+
+    def _io(self, manifest: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+        ins = [i["name"] if isinstance(i, dict) else i for i in manifest.get("inputs", [])]
+        outs = [o["name"] if isinstance(o, dict) else o for o in manifest.get("outputs", [])]
+        return ins, outs
+
+    def load(self, out_dir: Path, manifest: Mapping[str, Any]) -> Runner:
+        ins, outs = self._io(manifest)
+        path = Path(out_dir) / ARTIFACT
+        if self.cpu.remote:
+            return RemoteTvmRunner(path, ins, outs)
+        import tvm
+
+        return LocalTvmRunner(tvm.runtime.load_module(str(path)), ins, outs, self.threads)
+
+    def runner(self, graph: Graph) -> Runner:
+        ex = self.compile(graph)
+        if self.cpu.remote:
+            tmp = Path(tempfile.mkdtemp(prefix="qcompile-tvm-"))
+            self.export(ex, tmp / ARTIFACT)
+            return RemoteTvmRunner(tmp / ARTIFACT, list(graph.inputs), list(graph.outputs))
+        return LocalTvmRunner(ex, list(graph.inputs), list(graph.outputs), self.threads)
+
+    def versions(self) -> dict[str, str]:
+        import tvm
+
+        return {"tvm": tvm.__version__, "tvm_target": self.cpu.description}
