@@ -26,10 +26,13 @@ ARTIFACT = "model.so"
 
 
 def set_threads(n: int | None = None) -> None:
-    """Use ``n`` worker threads in TVM's runtime pool (default: all cores of this machine)."""
+    """Ask for ``n`` runtime threads (see the package docstring: the pool reads
+    ``TVM_NUM_THREADS`` when it starts; an already running pool is resized)."""
     import tvm
 
-    n = n or len(os.sched_getaffinity(0))
+    if n is None or str(n) == os.environ.get("TVM_NUM_THREADS"):
+        return
+    os.environ["TVM_NUM_THREADS"] = str(n)
     tvm.get_global_func("runtime.config_threadpool")(1, n)
 
 
@@ -164,3 +167,33 @@ class TvmBackend(Backend):
         import tvm
 
         return {"tvm": tvm.__version__, "tvm_target": self.cpu.description}
+
+
+def profile_kernels(runner: LocalTvmRunner, inputs: Mapping[str, np.ndarray], runs: int = 5) -> list[tuple[str, float]]:
+    """Median milliseconds per VM call (kernel), in call order, via the VM's instrument hook."""
+    import time
+
+    import tvm
+
+    stamps: dict[str, list[float]] = {}
+    order: list[str] = []
+    state: dict[str, float] = {}
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if before_run:
+            state[name] = time.perf_counter()
+        else:
+            stamps.setdefault(name, []).append(time.perf_counter() - state.pop(name, time.perf_counter()))
+            if name not in order:
+                order.append(name)
+        return 0
+
+    runner.vm.set_instrument(tvm.runtime.convert(instrument) if hasattr(tvm.runtime, "convert") else instrument)
+    args = runner.tensors(inputs)
+    try:
+        for _ in range(runs):
+            runner.vm["main"](*args)
+    finally:
+        runner.vm.set_instrument(None)
+    calls_per_run = {n: len(v) // runs for n, v in stamps.items()}
+    return [(n, 1e3 * float(np.median(stamps[n])) * max(calls_per_run[n], 1)) for n in order]

@@ -48,8 +48,8 @@ def host_x86_target() -> CpuTarget:
     from tvm.target import codegen
 
     cpu = codegen.llvm_get_system_cpu()
-    feats = tuple(f for f in ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
-                  if codegen.llvm_cpu_has_features([f"+{f}"], tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+    have = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+    feats = tuple(f for f in ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni") if f in have)
     return CpuTarget("x86", {"kind": "llvm", "mcpu": cpu, "mtriple": "x86_64-linux-gnu"},
                      description=f"x86-64 host CPU ({cpu}: {', '.join(feats) or 'no AVX'})", features=feats)
 

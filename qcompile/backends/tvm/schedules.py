@@ -25,23 +25,17 @@ from tvm.target import Target
 
 
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
-    """fp32 lanes of the widest SIMD register the target has."""
-    attrs = {}
+    """Lanes of ``dtype_bits`` in the widest SIMD register the target's CPU has (asked of LLVM)."""
+    from tvm.target import codegen
+
     try:
-        attrs = dict(target.attrs)
-    except Exception:  # noqa: BLE001
-        pass
-    mcpu = str(attrs.get("mcpu", ""))
-    mattr = " ".join(str(a) for a in attrs.get("mattr", []) or [])
-    triple = str(attrs.get("mtriple", ""))
-    if "aarch64" in triple or "arm" in triple or "neon" in mattr:
-        bits = 128
-    elif "avx512" in mattr or mcpu in ("znver4", "znver5", "skylake-avx512", "cascadelake", "icelake-server",
-                                       "sapphirerapids", "x86-64-v4"):
-        bits = 512
-    else:
-        bits = 256
-    return bits // dtype_bits
+        features = set(codegen.llvm_get_cpu_features(target))
+    except Exception:  # noqa: BLE001 - a target LLVM cannot query: assume 128-bit SIMD
+        features = set()
+    for feature, bits in (("avx512f", 512), ("avx2", 256)):
+        if feature in features:
+            return bits // dtype_bits
+    return 128 // dtype_bits
 
 
 def _largest_divisor(n: int, candidates: list[int]) -> int:
@@ -90,68 +84,93 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, parallel: bool = Tr
         sch.parallel(loops[0])
 
 
+WEIGHT_BLOCK_BYTES = 128 * 1024
+"""Weights touched by one (output-channel tile, input-channel block) stay below this (L2-resident)."""
+ACC_BLOCK_BYTES = 32 * 1024
+"""Partial sums of one row block stay below this (L1-resident) when input channels are blocked."""
+
+
 class Conv2dNHWC(dl.ScheduleRule):
-    """Register-blocked direct convolution for ``conv2d_nhwc`` blocks (see module docstring)."""
+    """Register-blocked direct convolution for ``conv2d_nhwc`` blocks (see module docstring).
+
+    Loop nest (``T`` = tile_w pixels, ``V`` = vector lanes, 2V output channels per tile)::
+
+        parallel co_tile, n, h_o:              # threads
+          [ci_o:]                              # only when kh*kw*CI*2V*4 B > WEIGHT_BLOCK_BYTES
+            h_i, w_o, kh, kw, ci_i:            # reduction over an L2-resident weight block
+              unroll T, unroll 2, vector V:    # T x 2V accumulators in registers
+                acc[...] += x[...] * w[...]
+          write-back + fused epilogue (bias, residual add, activation), vectorized
+    """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        sch = s_tir.Schedule(func)
-        conv = None
-        for b in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
-            if _block_name(sch, b).startswith("conv2d_nhwc") or _block_name(sch, b).startswith("group_conv2d_nhwc") \
-                    or _block_name(sch, b).startswith("depth_conv2d_nhwc"):
-                conv = b
-        if conv is None:
+        if not _has_root(func_sch := s_tir.Schedule(func)):
             return None
-        loops = sch.get_loops(conv)
-        if len(loops) != 7:
+        sch = func_sch
+        convs = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                 if _block_name(sch, b).startswith(("conv2d_nhwc", "group_conv2d_nhwc"))]
+        if len(convs) != 1 or len(sch.get_loops(convs[0])) != 7:
             return None
+        conv = convs[0]
         lanes = vector_lanes(target)
-        n, h, w, co, kh, kw, ci = loops
-        W, CO = _int(sch.get(w).extent), _int(sch.get(co).extent)
+        n, h, w, co, kh, kw, ci = sch.get_loops(conv)
+        H, W, CO, CI = (_int(sch.get(lp).extent) for lp in (h, w, co, ci))
+        KK = _int(sch.get(kh).extent) * _int(sch.get(kw).extent)
         vec = _largest_divisor(CO, [lanes, lanes // 2, lanes // 4])
         co_o, co_i = sch.split(co, [None, vec])
-        import os
-        nvec = _largest_divisor(CO // vec, [int(os.environ.get("QC_NVEC", 2)), 2, 1])
+        nvec = _largest_divisor(CO // vec, [2, 1])
         co_oo, co_m = sch.split(co_o, [None, nvec])
-        tile_w = _largest_divisor(W, [int(os.environ.get("QC_TW", 8)), 8, 7, 6, 5, 4, 3, 2])
+        tile_c = vec * nvec
+        tile_w = _largest_divisor(W, [8, 7, 6, 5, 4, 3, 2])
         w_o, w_i = sch.split(w, [None, tile_w])
-        sch.reorder(n, h, w_o, co_oo, kh, kw, ci, w_i, co_m, co_i)
-        # epilogue: inline every elementwise stage into the last, then into the write-back of the tile
+        ci_block = CI
+        if KK * CI * tile_c * 4 > WEIGHT_BLOCK_BYTES:
+            ci_block = _largest_divisor(CI, [c for c in (256, 128, 64, 32, 16) if KK * c * tile_c * 4
+                                             <= WEIGHT_BLOCK_BYTES] or [16])
         epilogue = _spatial_consumers_chain(sch, conv)
         for blk in epilogue[:-1]:
             try:
                 sch.compute_inline(blk)
-            except Exception:  # noqa: BLE001 - a non-inlinable stage stays separate
+            except Exception:  # noqa: BLE001 - a stage that cannot be inlined stays separate
                 pass
+        if ci_block < CI:
+            rows = _largest_divisor(H, [r for r in range(H, 0, -1) if r * W * tile_c * 4 <= ACC_BLOCK_BYTES] or [1])
+            h_o, h_i = sch.split(h, [None, rows])
+            ci_o, ci_i = sch.split(ci, [None, ci_block])
+            sch.reorder(co_oo, n, h_o, ci_o, h_i, w_o, kh, kw, ci_i, w_i, co_m, co_i)
+            anchor, outer, first_reduction = h_o, (co_oo, n, h_o), ci_o
+        else:
+            sch.reorder(co_oo, n, h, w_o, kh, kw, ci, w_i, co_m, co_i)
+            anchor, outer, first_reduction = w_o, (co_oo, n, h), kh
         local = sch.cache_write(conv, 0, "local")
-        sch.reverse_compute_at(local, co_oo, preserve_unit_loops=True)
+        sch.reverse_compute_at(local, anchor, preserve_unit_loops=True)
         if epilogue:
             try:
                 sch.reverse_compute_inline(sch.get_consumers(local)[0])
             except Exception:  # noqa: BLE001
                 pass
-        par = sch.fuse(n, h)
-        sch.parallel(par)
+        sch.parallel(sch.fuse(*outer))
         sch.vectorize(co_i)
         sch.unroll(co_m)
         sch.unroll(w_i)
-        wb_loops = sch.get_loops(local)
-        if _int(sch.get(wb_loops[-1]).extent) % vec == 0:
-            _, i = sch.split(wb_loops[-1], [None, vec])
-            sch.vectorize(i)
-        init = sch.decompose_reduction(conv, kh)
-        init_loops = sch.get_loops(init)
-        if _int(sch.get(init_loops[-1]).extent) % vec == 0:
-            _, i = sch.split(init_loops[-1], [None, vec])
-            sch.vectorize(i)
-        # the padding stage (if any) runs before: parallel + vectorized copy
+        _vectorize_last(sch, local, vec)
+        init = sch.decompose_reduction(conv, first_reduction)
+        _vectorize_last(sch, init, vec)
         for prod in sch.get_producers(conv):
             if _block_name(sch, prod).startswith("pad"):
                 _vectorize_inner(sch, prod, lanes)
         return sch
 
 
+def _vectorize_last(sch: s_tir.Schedule, block, vec: int) -> None:
+    loops = sch.get_loops(block)
+    if loops and _int(sch.get(loops[-1]).extent) % vec == 0 and vec > 1:
+        _, inner = sch.split(loops[-1], [None, vec])
+        sch.vectorize(inner)
+
+
 def _has_root(sch: s_tir.Schedule) -> bool:
+    """True when the function has a root block (i.e. it is a TIR function dlight can schedule)."""
     try:
         sch.get_sblock("root")
         return True
