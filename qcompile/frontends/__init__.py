@@ -135,7 +135,7 @@ def _resolve_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _load_torch_spec(spec: str, input_shapes: dict[str, tuple[int, ...]]) -> LoadedModel:
+def _load_torch_spec(spec: str, input_shapes: dict[str, tuple[int, ...]], num_calibration: int) -> LoadedModel:
     import torch
 
     from qcompile.frontends.torch_frontend import load_torch
@@ -173,7 +173,7 @@ def _load_torch_spec(spec: str, input_shapes: dict[str, tuple[int, ...]]) -> Loa
     loaded = LoadedModel(graph, reference, spec=spec)
     calib = getattr(model, "calibration_data", None)
     if callable(calib):
-        loaded.calibration = feeds_from_samples(graph, calib(), limit=16)
+        loaded.calibration = feeds_from_samples(graph, calib(), limit=num_calibration)
         loaded.calibration_source = f"{spec} calibration_data() (real samples)"
     return loaded
 
@@ -207,7 +207,7 @@ def load_model(spec: str, input_shapes: dict[str, tuple[int, ...]] | None = None
     if spec.endswith(".onnx") or path.suffix == ".onnx" or (path.exists() and ":" not in spec):
         loaded = _load_onnx_spec(spec, input_shapes)
     elif ":" in spec:
-        loaded = _load_torch_spec(spec, input_shapes)
+        loaded = _load_torch_spec(spec, input_shapes, num_calibration)
     else:
         raise ModelLoadError(f"model '{spec}' is neither an existing .onnx file nor 'module:factory'")
     if calibration is not None:

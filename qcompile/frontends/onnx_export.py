@@ -1,11 +1,25 @@
-"""IR -> standard ONNX (opset 17), deterministic bytes, provenance kept in metadata.
+"""IR -> standard ONNX: deterministic bytes, provenance kept in metadata.
 
-Every IR op maps to standard ONNX operators (``linear`` -> Gemm(transB=1) for
-rank-2 inputs, else MatMul + Add; ``clip`` -> Clip with constant bounds;
-``silu`` -> Sigmoid * x; ``gelu`` -> its erf / tanh formula).  Node ``meta``
-(provenance, costs) is stored as JSON under the node's ``qcompile.meta``
-metadata key and ``graph.meta`` under the model's ``qcompile.graph_meta``, so
+:func:`to_onnx` maps every IR op (:mod:`qcompile.ir.ops`) to default-domain ONNX
+operators at the requested opset (13 .. the installed onnx's newest; default 17):
+
+* ``conv2d`` -> Conv (pads (t,l,b,r) are ONNX's [x1_begin, x2_begin, x1_end, x2_end]);
+* ``linear`` -> Gemm(transB=1) for rank-2 inputs, else MatMul with the transposed
+  weight (+ Add for the bias);
+* ``clip`` -> Clip with constant min/max inputs; ``silu`` -> Sigmoid * x;
+  ``hardswish`` -> HardSwish (opset >= 14; below: x * HardSigmoid(1/6, 1/2));
+  ``gelu`` -> Gelu at opset >= 20, else its erf (or tanh) formula;
+* ``reduce_mean`` -> ReduceMean with ``axes`` as attribute (< 18) or input (>= 18);
+* ``reshape`` -> Reshape with an int64 initializer; the rest map one to one.
+
+Node ``meta`` (provenance, costs) is stored as JSON (sorted keys, numpy values as
+python values) under ``metadata_props["qcompile.meta"]`` of every ONNX node the IR
+node became, and ``graph.meta`` under the model's ``qcompile.graph_meta``, so
 :func:`~qcompile.frontends.onnx_frontend.load_onnx` restores them.
+
+Determinism: exporting the same graph twice gives identical bytes
+(``SerializeToString(deterministic=True)``): no timestamps, helper names derive
+from node names plus a counter in graph order.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from qcompile.errors import IRVerificationError
 from qcompile.ir.graph import Graph, Node
 
 OPSET = 17
+MIN_EXPORT_OPSET = 13
 
 _DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8,
           "uint8": TensorProto.UINT8, "int32": TensorProto.INT32, "int64": TensorProto.INT64,
@@ -30,21 +45,33 @@ _DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": 
 
 
 class _Emitter:
-    def __init__(self, graph: Graph):
+    """Collects ONNX nodes and initializers for one export; hands out unused helper names."""
+
+    def __init__(self, graph: Graph, opset: int):
         self.g = graph
+        self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self._used: set[str] = set(graph.types) | {n.name for n in graph.nodes}
         self._n = 0
 
+    def fresh(self, hint: str) -> str:
+        """A value / node name derived from ``hint`` that nothing in the export uses yet."""
+        while True:
+            self._n += 1
+            name = f"{hint}__{self._n}"
+            if name not in self._used:
+                self._used.add(name)
+                return name
+
     def const(self, hint: str, value: np.ndarray) -> str:
-        self._n += 1
-        name = f"{hint}__c{self._n}"
+        name = self.fresh(hint)
         self.inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def tmp(self, hint: str) -> str:
-        self._n += 1
-        return f"{hint}__t{self._n}"
+    def scalar(self, hint: str, value: float, like: str) -> str:
+        """A scalar initializer with the dtype of value ``like``."""
+        return self.const(hint, np.array(value, np.dtype(self.g.types[like].dtype)))
 
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> onnx.NodeProto:
         n = helper.make_node(op, inputs, outputs, name=name, **attrs)
@@ -52,100 +79,114 @@ class _Emitter:
         return n
 
 
-def _json(o: Any) -> Any:
+def _json_default(o: Any) -> Any:
+    """JSON for values ``json`` does not know: numpy scalars/arrays, sets (sorted), paths, the rest str."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
-    if isinstance(o, (tuple, set)):
-        return list(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o, key=repr)
     return str(o)
 
 
-def _pool_attrs(a: dict) -> dict:
-    return {"kernel_shape": list(a["kernel"]), "strides": list(a["strides"]),
-            "pads": [a["pads"][0], a["pads"][1], a["pads"][2], a["pads"][3]], "ceil_mode": int(a["ceil_mode"])}
+def meta_json(meta: dict) -> str:
+    """Canonical JSON of a meta dict (sorted keys, numpy converted): what the exporter stores."""
+    return json.dumps(meta, sort_keys=True, default=_json_default)
 
 
-def _emit_conv2d(e: _Emitter, n: Node) -> None:
-    a = n.attrs
-    w = e.g.types[n.inputs[1]].shape
-    e.node("Conv", [i for i in n.inputs if i], n.outputs, n.name, kernel_shape=list(w[2:]),
-           strides=list(a["strides"]), pads=list(a["pads"]), dilations=list(a["dilations"]), group=a["group"])
-
-
-def _emit_linear(e: _Emitter, n: Node) -> None:
-    x = e.g.types[n.inputs[0]]
-    has_bias = len(n.inputs) > 2 and bool(n.inputs[2])
-    if x.rank == 2:
-        e.node("Gemm", [i for i in n.inputs if i], n.outputs, n.name, transB=1)
-        return
-    wt = e.g.constants.get(n.inputs[1])
-    if wt is None:
-        t = e.tmp(n.name)
-        e.node("Transpose", [n.inputs[1]], [t], n.name + "/transpose_w", perm=[1, 0])
-    else:
-        t = e.const(n.inputs[1] + "_T", np.ascontiguousarray(wt.T))
-    if not has_bias:
-        e.node("MatMul", [n.inputs[0], t], n.outputs, n.name)
-        return
-    mm = e.tmp(n.name)
-    e.node("MatMul", [n.inputs[0], t], [mm], n.name + "/matmul")
-    e.node("Add", [mm, n.inputs[2]], n.outputs, n.name)
-
-
-def _emit_clip(e: _Emitter, n: Node) -> None:
-    dt = np.dtype(e.g.types[n.inputs[0]].dtype)
-    lo = e.const(n.name + "_min", np.array(n.attrs["min"], dt)) if n.attrs["min"] is not None else ""
-    hi = e.const(n.name + "_max", np.array(n.attrs["max"], dt)) if n.attrs["max"] is not None else ""
-    ins = [n.inputs[0], lo, hi]
-    while ins and ins[-1] == "":
+# ---------------------------------------------------------------------------- emitters
+def _present(inputs: list[str]) -> list[str]:
+    """Drop trailing absent optional inputs."""
+    ins = list(inputs)
+    while ins and not ins[-1]:
         ins.pop()
-    e.node("Clip", ins, n.outputs, n.name)
+    return ins
 
 
-def _emit_gelu(e: _Emitter, n: Node) -> None:
-    x, y = n.inputs[0], n.outputs[0]
-    c = lambda v: e.const(n.name, np.array(v, np.float32))  # noqa: E731
-    if n.attrs["approximate"] == "tanh":
-        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-        x3, inner, th = e.tmp(n.name), e.tmp(n.name), e.tmp(n.name)
-        e.node("Mul", [x, x], [x3 + "sq"], n.name + "/sq")
-        e.node("Mul", [x3 + "sq", x], [x3], n.name + "/cube")
-        a = e.tmp(n.name)
-        e.node("Mul", [x3, c(0.044715)], [a], n.name + "/a")
-        b = e.tmp(n.name)
-        e.node("Add", [x, a], [b], n.name + "/b")
-        e.node("Mul", [b, c(math.sqrt(2 / math.pi))], [inner], n.name + "/inner")
-        e.node("Tanh", [inner], [th], n.name + "/tanh")
-        s = th
-    else:
-        # 0.5 x (1 + erf(x / sqrt(2)))
-        d, s = e.tmp(n.name), e.tmp(n.name)
-        e.node("Mul", [x, c(1 / math.sqrt(2))], [d], n.name + "/scale")
-        e.node("Erf", [d], [s], n.name + "/erf")
-    one, half = e.tmp(n.name), e.tmp(n.name)
-    e.node("Add", [s, c(1.0)], [one], n.name + "/one")
-    e.node("Mul", [x, one], [half], n.name + "/mul")
-    e.node("Mul", [half, c(0.5)], [y], n.name)
-
-
-def _emit_silu(e: _Emitter, n: Node) -> None:
-    s = e.tmp(n.name)
-    e.node("Sigmoid", [n.inputs[0]], [s], n.name + "/sigmoid")
-    e.node("Mul", [n.inputs[0], s], n.outputs, n.name)
-
-
-def _simple(op_type: str, **fixed: Any) -> Callable[[_Emitter, Node], None]:
+def _simple(op_type: str) -> Callable[[_Emitter, Node], None]:
     def emit(e: _Emitter, n: Node) -> None:
-        e.node(op_type, [i for i in n.inputs if i], n.outputs, n.name, **fixed)
+        e.node(op_type, _present(n.inputs), n.outputs, n.name)
     return emit
 
 
 def _with_attrs(op_type: str, conv: Callable[[dict], dict]) -> Callable[[_Emitter, Node], None]:
     def emit(e: _Emitter, n: Node) -> None:
-        e.node(op_type, [i for i in n.inputs if i], n.outputs, n.name, **conv(n.attrs))
+        e.node(op_type, _present(n.inputs), n.outputs, n.name, **conv(n.attrs))
     return emit
+
+
+def _emit_conv2d(e: _Emitter, n: Node) -> None:
+    a = n.attrs
+    w = e.g.types[n.inputs[1]].shape
+    e.node("Conv", _present(n.inputs), n.outputs, n.name, kernel_shape=list(w[2:]),
+           strides=list(a["strides"]), pads=list(a["pads"]), dilations=list(a["dilations"]), group=int(a["group"]))
+
+
+def _emit_linear(e: _Emitter, n: Node) -> None:
+    """Gemm(transB=1) for a 2-D input; otherwise MatMul by w^T (+ Add bias)."""
+    x = e.g.types[n.inputs[0]]
+    has_bias = len(n.inputs) > 2 and bool(n.inputs[2])
+    if x.rank == 2:
+        e.node("Gemm", _present(n.inputs), n.outputs, n.name, transB=1)
+        return
+    wt = e.g.constants.get(n.inputs[1])
+    if wt is None:
+        t = e.fresh(n.inputs[1] + "_T")
+        e.node("Transpose", [n.inputs[1]], [t], e.fresh(n.name + "/transpose_w"), perm=[1, 0])
+    else:
+        t = e.const(n.inputs[1] + "_T", np.ascontiguousarray(wt.T))
+    if not has_bias:
+        e.node("MatMul", [n.inputs[0], t], n.outputs, n.name)
+        return
+    mm = e.fresh(n.name + "/matmul")
+    e.node("MatMul", [n.inputs[0], t], [mm], e.fresh(n.name + "/matmul"))
+    e.node("Add", [mm, n.inputs[2]], n.outputs, n.name)
+
+
+def _emit_clip(e: _Emitter, n: Node) -> None:
+    x = n.inputs[0]
+    lo = e.scalar(n.name + "_min", n.attrs["min"], x) if n.attrs["min"] is not None else ""
+    hi = e.scalar(n.name + "_max", n.attrs["max"], x) if n.attrs["max"] is not None else ""
+    e.node("Clip", _present([x, lo, hi]), n.outputs, n.name)
+
+
+def _emit_hardswish(e: _Emitter, n: Node) -> None:
+    if e.opset >= 14:
+        e.node("HardSwish", [n.inputs[0]], n.outputs, n.name)
+        return
+    hs = e.fresh(n.name + "/hardsigmoid")
+    e.node("HardSigmoid", [n.inputs[0]], [hs], e.fresh(n.name + "/hardsigmoid"), alpha=1.0 / 6, beta=0.5)
+    e.node("Mul", [n.inputs[0], hs], n.outputs, n.name)
+
+
+def _emit_gelu(e: _Emitter, n: Node) -> None:
+    """Gelu (opset >= 20) or 0.5 x (1 + erf(x / sqrt 2)) / 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    x, y, approx = n.inputs[0], n.outputs[0], n.attrs["approximate"]
+    if e.opset >= 20:
+        e.node("Gelu", [x], [y], n.name, approximate=approx)
+        return
+
+    def op(op_type: str, *ins: str) -> str:
+        out = e.fresh(f"{n.name}/{op_type.lower()}")
+        e.node(op_type, list(ins), [out], out)
+        return out
+
+    if approx == "tanh":
+        x3 = op("Mul", op("Mul", x, x), x)
+        inner = op("Mul", op("Add", x, op("Mul", x3, e.scalar(n.name, 0.044715, x))),
+                   e.scalar(n.name, math.sqrt(2 / math.pi), x))
+        s = op("Tanh", inner)
+    else:
+        s = op("Erf", op("Mul", x, e.scalar(n.name, 1 / math.sqrt(2), x)))
+    half_x = op("Mul", x, e.scalar(n.name, 0.5, x))
+    e.node("Mul", [half_x, op("Add", s, e.scalar(n.name, 1.0, x))], [y], n.name)
+
+
+def _emit_silu(e: _Emitter, n: Node) -> None:
+    s = e.fresh(n.name + "/sigmoid")
+    e.node("Sigmoid", [n.inputs[0]], [s], e.fresh(n.name + "/sigmoid"))
+    e.node("Mul", [n.inputs[0], s], n.outputs, n.name)
 
 
 def _emit_reshape(e: _Emitter, n: Node) -> None:
@@ -154,9 +195,17 @@ def _emit_reshape(e: _Emitter, n: Node) -> None:
 
 
 def _emit_reduce_mean(e: _Emitter, n: Node) -> None:
-    # opset 17: axes is an attribute of ReduceMean (it became an input in opset 18)
-    e.node("ReduceMean", [n.inputs[0]], n.outputs, n.name, axes=list(n.attrs["axes"]),
-           keepdims=int(n.attrs["keepdims"]))
+    axes, keep = [int(a) for a in n.attrs["axes"]], int(n.attrs["keepdims"])
+    if e.opset >= 18:  # axes became an input in opset 18
+        e.node("ReduceMean", [n.inputs[0], e.const(n.name + "_axes", np.array(axes, np.int64))], n.outputs,
+               n.name, keepdims=keep)
+    else:
+        e.node("ReduceMean", [n.inputs[0]], n.outputs, n.name, axes=axes, keepdims=keep)
+
+
+def _pool_attrs(a: dict) -> dict:
+    return {"kernel_shape": list(a["kernel"]), "strides": list(a["strides"]), "pads": list(a["pads"]),
+            "ceil_mode": int(a["ceil_mode"])}
 
 
 EMITTERS: dict[str, Callable[[_Emitter, Node], None]] = {
@@ -166,7 +215,7 @@ EMITTERS: dict[str, Callable[[_Emitter, Node], None]] = {
     "batch_norm": _with_attrs("BatchNormalization", lambda a: {"epsilon": float(a["epsilon"])}),
     "relu": _simple("Relu"), "sigmoid": _simple("Sigmoid"), "tanh": _simple("Tanh"), "exp": _simple("Exp"),
     "sqrt": _simple("Sqrt"), "erf": _simple("Erf"), "neg": _simple("Neg"), "abs": _simple("Abs"),
-    "reciprocal": _simple("Reciprocal"), "identity": _simple("Identity"), "hardswish": _simple("HardSwish"),
+    "reciprocal": _simple("Reciprocal"), "identity": _simple("Identity"), "hardswish": _emit_hardswish,
     "silu": _emit_silu, "gelu": _emit_gelu, "clip": _emit_clip,
     "hardsigmoid": _with_attrs("HardSigmoid", lambda a: {"alpha": float(a["alpha"]), "beta": float(a["beta"])}),
     "leaky_relu": _with_attrs("LeakyRelu", lambda a: {"alpha": float(a["alpha"])}),
@@ -183,16 +232,26 @@ EMITTERS: dict[str, Callable[[_Emitter, Node], None]] = {
     "transpose": _with_attrs("Transpose", lambda a: {"perm": list(a["perm"])}),
     "softmax": _with_attrs("Softmax", lambda a: {"axis": int(a["axis"])}),
 }
+"""IR op -> emitter(emitter_state, node).  Must cover every op in :mod:`qcompile.ir.ops`."""
 
 
+# ---------------------------------------------------------------------------- model
 def _value_info(g: Graph, name: str) -> onnx.ValueInfoProto:
     t = g.types[name]
     return helper.make_tensor_value_info(name, _DTYPE[t.dtype], list(t.shape))
 
 
+def _check_opset(opset: int) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_EXPORT_OPSET <= opset <= newest:
+        raise ValueError(f"ONNX export supports opsets {MIN_EXPORT_OPSET}..{newest}, got {opset}")
+
+
 def to_onnx(graph: Graph, opset: int = OPSET) -> onnx.ModelProto:
-    """Export ``graph`` to an ONNX model (checker-valid; same graph -> same bytes)."""
-    e = _Emitter(graph)
+    """Export ``graph`` to a standard ONNX model at ``opset`` (checker-valid; the same graph gives
+    the same bytes).  Raises IRVerificationError for an op without a mapping."""
+    _check_opset(opset)
+    e = _Emitter(graph, opset)
     for cname, arr in graph.constants.items():
         e.inits.append(numpy_helper.from_array(np.asarray(arr), cname))
     for n in graph.nodes:
@@ -202,26 +261,28 @@ def to_onnx(graph: Graph, opset: int = OPSET) -> onnx.ModelProto:
         before = len(e.nodes)
         emit(e, n)
         if n.meta:
-            text = json.dumps(n.meta, sort_keys=True, default=_json)
+            text = meta_json(n.meta)
             for proto in e.nodes[before:]:
                 helper.set_metadata_props(proto, {"qcompile.meta": text})
+    outputs = set(graph.outputs)
     g = helper.make_graph(e.nodes, graph.name, [_value_info(graph, i) for i in graph.inputs],
                           [_value_info(graph, o) for o in graph.outputs], initializer=e.inits,
                           value_info=[_value_info(graph, o) for n in graph.nodes for o in n.outputs
-                                      if o not in graph.outputs])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="qcompile",
-                              ir_version=10)
+                                      if o not in outputs])
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(g, opset_imports=opsets, producer_name="qcompile",
+                              ir_version=helper.find_min_ir_version_for(opsets))
     from qcompile import __version__
 
     model.producer_version = __version__
     if graph.meta:
-        helper.set_model_props(model, {"qcompile.graph_meta": json.dumps(graph.meta, sort_keys=True, default=_json)})
+        helper.set_model_props(model, {"qcompile.graph_meta": meta_json(graph.meta)})
     return model
 
 
-def save_onnx(graph: Graph, path: str | Path) -> Path:
-    """Export and write ``graph``; the model passes ``onnx.checker`` (full check) first."""
-    model = to_onnx(graph)
+def save_onnx(graph: Graph, path: str | Path, opset: int = OPSET) -> Path:
+    """Export ``graph``, check it with ``onnx.checker`` (full check) and write it to ``path``."""
+    model = to_onnx(graph, opset)
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     path.write_bytes(model.SerializeToString(deterministic=True))

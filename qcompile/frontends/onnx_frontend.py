@@ -1,22 +1,37 @@
 """ONNX -> IR.
 
-Steps, each failing with a named error:
+:func:`load_onnx` runs these steps, each failing with a named error:
 
-1. read the file (``ModelLoadError`` naming the file: missing, truncated, not a
-   protobuf, fails ``onnx.checker``); external-data locations must stay inside the
-   model's folder;
-2. upgrade opsets below 13 with ``onnx.version_converter``; non-standard domains
-   are rejected naming the node;
-3. specialise dynamic input dimensions to ``input_shapes`` (``ShapeError`` when a
-   dynamic dimension is left or a given shape contradicts the model);
-4. fold everything that became constant (shape subgraphs ``Shape -> Slice ->
-   Concat -> Reshape``, ``Constant`` nodes, casts of constants) with the
-   maintained ``onnxscript`` optimizer and ONNX shape inference;
-5. map each ONNX node to IR ops; anything else raises ``UnsupportedOpError``
-   naming the op, the node and what to do.
+1. **read** (:func:`read_onnx`): the file must exist and parse as an ONNX
+   protobuf; external-data locations must be relative and stay inside the
+   model's folder (checked *before* anything is read from them); the model must
+   pass ``onnx.checker.check_model(full_check=True)``.  Failures are
+   :class:`ModelLoadError` naming the file and the cause.
+2. **opsets**: a node outside the default ONNX domain (e.g. ``com.microsoft``)
+   is an :class:`UnsupportedOpError` naming it; default-domain opsets below 13
+   are upgraded with ``onnx.version_converter``.
+3. **static shapes**: declared-dynamic input dimensions are specialised to
+   ``input_shapes`` (:class:`ShapeError` naming the input when a dynamic dim is
+   left, a given shape contradicts the model, or an unknown input is named).
+   Initializers that are also listed as graph inputs are constants.
+4. **folding**: ``onnx.shape_inference.infer_shapes(strict_mode=True,
+   data_prop=True)`` checks the specialised shapes; then onnxscript's
+   ``FoldConstantsPass`` and a fixed set of *exact* onnxscript rewrite rules
+   (no-op removal, Pad-into-Conv, shape materialisation; see
+   :data:`_EXACT_REWRITE_RULES`) fold everything that became constant: shape
+   subgraphs (``Shape -> Gather/Slice -> Concat -> Reshape``), ``Constant``
+   nodes, casts of constants.  Nothing numerically inexact (BatchNorm fusion
+   etc.) happens here: those are qcompile passes, with provenance.
+5. **mapping** (:data:`HANDLERS`): every remaining ONNX node becomes IR ops;
+   anything else raises :class:`UnsupportedOpError` naming op, node and what to do.
 
-Node names are kept (made unique), so provenance and reports speak the user's
-names.  Metadata written by our exporter (``qcompile.meta``) is restored.
+Names: IR node names are the ONNX node names (made unique; ``<OpType>_<index>``
+when empty), IR value names are the ONNX value names, graph outputs keep their
+ONNX names.  Metadata written by our exporter is restored: node
+``metadata_props["qcompile.meta"]`` -> ``node.meta``, model
+``metadata_props["qcompile.graph_meta"]`` -> ``graph.meta``.
+``graph.meta["source"]`` records format, path, original opset and producer;
+``graph.meta["input_shapes"]`` the specialised input shapes.
 """
 
 from __future__ import annotations
@@ -24,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -34,19 +49,48 @@ from qcompile.errors import ModelLoadError, ShapeError, UnsupportedOpError
 from qcompile.ir.graph import Graph, TensorType
 
 MIN_OPSET = 13
+"""Default-domain opset the importer works at; older models are upgraded to it."""
 
+FOLD_INPUT_SIZE_LIMIT = 1 << 22
+"""Largest constant input (elements) the folder evaluates (e.g. a weight transpose)."""
+FOLD_OUTPUT_SIZE_LIMIT = 1 << 24
+"""Largest folded result (elements) the folder materialises."""
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
 _ELEM = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT8: "int8",
          onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT64: "int64",
          onnx.TensorProto.BOOL: "bool"}
 
 
-# ----------------------------------------------------------------------------- reading
-def _check_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
-    base = base.resolve()
-    for t in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001 - the helper's own walker
+# ============================================================================ 1. reading
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto stored in ``graph``: initializers, sparse initializers, tensor
+    attributes, recursively through subgraphs."""
+    yield from graph.initializer
+    for s in graph.sparse_initializer:
+        yield s.values
+        yield s.indices
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _all_tensors(a.g)
+            for sub in a.graphs:
+                yield from _all_tensors(sub)
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external-data locations that are absolute or resolve outside the model's folder
+    (symlinks resolved), and missing external-data files.  Reads no tensor data."""
+    base = path.parent.resolve()
+    for t in _all_tensors(model.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         loc = {e.key: e.value for e in t.external_data}.get("location", "")
+        if not loc:
+            raise ModelLoadError(f"'{path}': tensor '{t.name}' is marked external but names no location")
         target = (base / loc).resolve()
         if os.path.isabs(loc) or base not in target.parents:
             raise ModelLoadError(f"'{path}': tensor '{t.name}' has external data at '{loc}', which is outside "
@@ -55,142 +99,286 @@ def _check_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None
             raise ModelLoadError(f"'{path}': external data file '{loc}' for tensor '{t.name}' is missing")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def read_onnx(path: str | Path) -> onnx.ModelProto:
-    """Read and check an ONNX file; every failure is a ModelLoadError naming the file."""
+    """Read ``path`` (with its external data, if any, from inside its folder) and run the
+    full ONNX checker.  Every failure is a :class:`ModelLoadError` naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelLoadError(f"ONNX file '{path}' does not exist")
+    if not path.is_file():
+        raise ModelLoadError(f"'{path}' is not a file")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types
-        raise ModelLoadError(f"'{path}' is not a readable ONNX model (truncated or corrupt?): {e}") from e
+    except Exception as e:  # noqa: BLE001 - protobuf / OS errors come in several types
+        raise ModelLoadError(f"'{path}' is not a readable ONNX model (truncated or corrupt?): "
+                             f"{type(e).__name__}: {_first_line(e)}") from e
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"'{path}' parsed as an empty ONNX model (not an ONNX file, or truncated)")
-    _check_external_data(model, path.parent, path)
+    _check_external_data(model, path)
+    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        onnx.checker.check_model(model)
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"'{path}' fails the ONNX checker: {str(e).strip().splitlines()[0]}") from e
+        if has_external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            onnx.checker.check_model(str(path), full_check=True)  # by path: works past the 2 GB proto limit
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # noqa: BLE001 - checker / shape-inference / OS errors
+        raise ModelLoadError(f"'{path}' fails the ONNX checker: {_first_line(e)}") from e
     return model
 
 
+# ============================================================================ 2. opsets
 def _default_opset(model: onnx.ModelProto) -> int:
     for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
+        if o.domain in _DEFAULT_DOMAINS:
             return o.version
     return 0
 
 
 def _reject_foreign_domains(model: onnx.ModelProto) -> None:
+    """UnsupportedOpError on the first node outside the default ONNX domain."""
     for i, n in enumerate(model.graph.node):
-        if n.domain not in ("", "ai.onnx"):
-            raise UnsupportedOpError(f"{n.domain}::{n.op_type}", n.name or f"node {i}",
-                                     "only standard ONNX (default domain) operators are supported; "
-                                     "export without vendor-specific fusions", frontend="onnx")
+        if n.domain not in _DEFAULT_DOMAINS:
+            raise UnsupportedOpError(f"{n.domain}::{n.op_type}", n.name or f"{n.op_type}_{i}",
+                                     "only standard ONNX (default domain) operators are supported; export the "
+                                     "model without vendor-specific fusions (e.g. before onnxruntime's "
+                                     "transformer optimizer)", frontend="onnx")
 
 
-def _specialise_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
-    inits = {t.name for t in model.graph.initializer}
-    real_inputs = [i for i in model.graph.input if i.name not in inits]
-    names = [i.name for i in real_inputs]
-    unknown = set(input_shapes) - set(names)
-    if unknown:
-        raise ShapeError(f"input shapes given for {sorted(unknown)}, but the model's inputs are {names}")
-    # initializers listed as graph inputs are constants, not inputs
-    keep = [i for i in model.graph.input if i.name not in inits]
-    del model.graph.input[:]
-    model.graph.input.extend(keep)
-    real_inputs = list(model.graph.input)  # extend() copied: edit the messages now in the model
-    final: dict[str, tuple] = {}
-    for vi in real_inputs:
-        dims = vi.type.tensor_type.shape.dim
-        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
-        given = input_shapes.get(vi.name)
-        if given is not None:
-            if len(given) != len(declared):
-                raise ShapeError(f"input '{vi.name}' has rank {len(declared)} ({_fmt(declared)}), "
-                                 f"but the given shape {'x'.join(map(str, given))} has rank {len(given)}")
-            for k, (d, gv) in enumerate(zip(declared, given)):
-                if d is not None and d != gv:
-                    raise ShapeError(f"input '{vi.name}' dimension {k} is fixed to {d} in the model, "
-                                     f"but the given shape says {gv}")
-            shape = tuple(given)
-        else:
-            missing = [k for k, d in enumerate(declared) if d is None]
-            if missing:
-                raise ShapeError(
-                    f"input '{vi.name}' has dynamic dimension(s) {missing} ({_fmt(declared)}); qcompile compiles "
-                    f"static shapes: pass --input-shape {vi.name}=" + "x".join(
-                        str(d) if d is not None else ("1" if k == 0 else "N") for k, d in enumerate(declared)))
-            shape = tuple(declared)  # type: ignore[arg-type]
-        for d, v in zip(dims, shape):
-            d.Clear()
-            d.dim_value = int(v)
-        final[vi.name] = shape
-    # symbolic dims elsewhere refer to the input symbols just fixed: let shape inference redo them
-    del model.graph.value_info[:]
-    for vo in model.graph.output:
-        for d in vo.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.Clear()
-    return final
+def _upgrade_opset(model: onnx.ModelProto, opset: int, path: Path) -> onnx.ModelProto:
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"'{path}': cannot upgrade opset {opset} to {MIN_OPSET}: {_first_line(e)}") from e
 
 
+# ============================================================================ 3. static shapes
 def _fmt(dims: list) -> str:
     return "x".join("?" if d is None else str(d) for d in dims)
 
 
+def _declared_dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    """Declared dims of a graph input: int (fixed), str (named dynamic), None (anonymous
+    dynamic: no value, or a non-positive value such as Paddle's -1); None if the rank is unknown."""
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    out: list[int | str | None] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def _shape_hint(name: str, declared: list) -> str:
+    """A copy-pasteable ``--input-shape`` suggestion: dynamic batch (dim 0) -> 1, other dynamic
+    dims -> a placeholder (their dim_param, or D<k>)."""
+    parts = []
+    for k, d in enumerate(declared):
+        if isinstance(d, int):
+            parts.append(str(d))
+        elif k == 0:
+            parts.append("1")
+        else:
+            parts.append(d if isinstance(d, str) and d.isidentifier() else f"D{k}")
+    return f"{name}=" + "x".join(parts)
+
+
+def _resolve_input_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The static shape for graph input ``vi``: ``given`` validated against the declaration, or the
+    declared shape if fully static.  ShapeError (naming the input) otherwise."""
+    declared = _declared_dims(vi)
+    if given is not None:
+        given = tuple(int(d) for d in given)
+        if any(d <= 0 for d in given):
+            raise ShapeError(f"input '{vi.name}': the given shape {given} has non-positive dimensions")
+        if declared is None:
+            return given
+        if len(given) != len(declared):
+            raise ShapeError(f"input '{vi.name}' has rank {len(declared)} "
+                             f"({_fmt([d if isinstance(d, int) else None for d in declared])}), but the given "
+                             f"shape {'x'.join(map(str, given))} has rank {len(given)}")
+        for k, (d, gv) in enumerate(zip(declared, given)):
+            if isinstance(d, int) and d != gv:
+                raise ShapeError(f"input '{vi.name}' dimension {k} is fixed to {d} in the model, "
+                                 f"but the given shape says {gv}")
+        return given
+    if declared is None:
+        raise ShapeError(f"input '{vi.name}' has no declared shape (unknown rank); qcompile compiles static "
+                         f"shapes: pass --input-shape {vi.name}=D0xD1x... (for example {vi.name}=1x3x224x224)")
+    dynamic = [k for k, d in enumerate(declared) if not isinstance(d, int)]
+    if dynamic:
+        what = ", ".join(f"{k} ('{declared[k]}')" if isinstance(declared[k], str) else f"{k}" for k in dynamic)
+        raise ShapeError(
+            f"input '{vi.name}' has dynamic dimension(s) {what} in shape "
+            f"{_fmt([d if isinstance(d, int) else None for d in declared])}; qcompile compiles static shapes: "
+            f"pass --input-shape {_shape_hint(vi.name, declared)} with the sizes you will run "
+            f"(for example --input-shape x=1x3x48x192)")
+    return tuple(declared)  # type: ignore[arg-type]
+
+
+def _specialise_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Fix every graph input's shape in ``model`` (in place); return ``{input: shape}`` in input order.
+
+    Initializers listed as graph inputs are dropped from the inputs (they are constants).
+    Symbolic shapes recorded for other values are cleared so shape inference redoes them."""
+    inits = {t.name for t in model.graph.initializer}
+    keep = [vi for vi in model.graph.input if vi.name not in inits]
+    names = [vi.name for vi in keep]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise ShapeError(f"input shapes given for {unknown}, but the model's inputs are {names}")
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    final: dict[str, tuple] = {}
+    for vi in model.graph.input:  # extend() copied: edit the messages that are now in the model
+        shape = _resolve_input_shape(vi, input_shapes.get(vi.name))
+        tt = vi.type.tensor_type
+        tt.ClearField("shape")
+        for v in shape:
+            tt.shape.dim.add().dim_value = int(v)
+        final[vi.name] = shape
+    del model.graph.value_info[:]
+    for vo in model.graph.output:
+        for d in vo.type.tensor_type.shape.dim:
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                d.Clear()
+    return final
+
+
+# ============================================================================ 4. folding
+def _exact_rewrite_rules() -> list:
+    """onnxscript rewrite rules that are exact (bit-identical results) and only remove or merge
+    ops we could not otherwise import; deliberately NOT its BatchNorm fusions (a qcompile pass)."""
+    from onnxscript.rewriter.rules import common as r
+
+    return [r.add_0_rule, r.sub_0_rule, r.mul_by_1_rule, r.div_by_1_rule,
+            r.dropout_inference_rule, r.dropout_zero_rule,
+            r.no_op_cast_rule, r.no_op_expand_rule, r.no_op_transpose_rule,
+            r.collapse_slice_rule, r.collapse_slice2_rule,
+            r.materialize_reshape_shape_rule, r.reshape_reshape_rule,
+            r.normalize_pad_format_conv_rule, r.fuse_pad_into_conv_rule,
+            *r.expand_before_binary_op_rules]
+
+
+def _check_shapes(model: onnx.ModelProto, path: Path, shapes: dict[str, tuple]) -> onnx.ModelProto:
+    """Strict ONNX shape inference with data propagation: the specialised shapes must be consistent."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - InferenceError and friends
+        given = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+        raise ShapeError(f"'{path}': the input shapes ({given}) are inconsistent with the model: "
+                         f"{_first_line(e)}") from e
+
+
 def _fold_constants(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """Fold shape arithmetic and constant subgraphs with the onnxscript optimizer."""
-    import onnxscript.optimizer
+    """Fold every subgraph whose value became constant, using onnxscript / onnx_ir passes:
+    function inlining, ``FoldConstantsPass`` (with node-level shape inference) and the exact
+    rewrite rules, iterated to a fixed point; then Constant nodes become initializers."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript import rewriter
+    from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
     try:
-        model = onnxscript.optimizer.optimize(model, num_iterations=4, input_size_limit=1 << 22,
-                                              output_size_limit=1 << 26)
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        m = ir.serde.deserialize_model(model)
+        ir.passes.Sequential(
+            common.InlinePass(),
+            ir.passes.PassManager([
+                FoldConstantsPass(shape_inference=True, input_size_limit=FOLD_INPUT_SIZE_LIMIT,
+                                  output_size_limit=FOLD_OUTPUT_SIZE_LIMIT),
+                rewriter.RewritePass(_exact_rewrite_rules()),
+                common.RemoveUnusedNodesPass(),
+            ], steps=8, early_stop=True),
+            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common.RemoveUnusedNodesPass(),
+        )(m)
+        return ir.serde.serialize_model(m)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"'{path}': constant folding / shape inference failed: {e}") from e
+        raise ModelLoadError(f"'{path}': constant folding failed: {type(e).__name__}: {_first_line(e)}") from e
 
 
-# ----------------------------------------------------------------------------- mapping
+# ============================================================================ 5. mapping
+def _unique_node_names(nodes) -> list[str]:
+    """ONNX node names made unique; ``<OpType>_<index>`` for unnamed nodes."""
+    seen: set[str] = set()
+    out = []
+    for i, n in enumerate(nodes):
+        base = n.name or f"{n.op_type}_{i}"
+        name, k = base, 0
+        while name in seen:
+            k += 1
+            name = f"{base}_{k}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def _all_value_names(graph: onnx.GraphProto) -> set[str]:
+    names = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    names |= {o for n in graph.node for o in n.output if o}
+    return names
+
+
 class _Importer:
+    """Walks the folded ONNX graph once, in order, building the IR graph."""
+
     def __init__(self, model: onnx.ModelProto, path: Path):
         self.model = model
         self.path = path
         self.g = Graph(model.graph.name or path.stem)
         self.alias: dict[str, str] = {}   # onnx value -> IR value (for eliminated nodes)
         self.consts: dict[str, np.ndarray] = {}
+        self.names = _unique_node_names(model.graph.node)
+        self.index = 0
+        for v in sorted(_all_value_names(model.graph)):
+            self.g.fresh_name(v)  # reserve: names we synthesise never take a later ONNX value's name
 
     # values ---------------------------------------------------------------
     def v(self, name: str) -> str:
+        """The IR value for ONNX value ``name`` (constants are added to the graph on first use)."""
         if not name:
             return ""
         name = self.alias.get(name, name)
         if name in self.consts and name not in self.g.constants:
             self.g.add_constant(name, self.consts[name], exact_name=True)
         if name not in self.g.types:
-            raise ShapeError(f"'{self.path}': value '{name}' is used before it is defined")
+            raise ModelLoadError(f"'{self.path}': value '{name}' is used before it is defined")
         return name
 
     def const(self, name: str) -> np.ndarray | None:
+        """The array of ONNX value ``name`` if it is constant, else None."""
         if not name:
             return None
         return self.consts.get(self.alias.get(name, name))
 
+    def type(self, name: str) -> TensorType:
+        return self.g.types[self.v(name)]
+
     def emit(self, node: onnx.NodeProto, op: str, inputs: list[str], attrs: dict | None = None,
              output: str | None = None, suffix: str = "") -> str:
+        """Append IR node ``op``; the node's main part (``suffix == ""``) is named like the ONNX
+        node and gets its restored ``qcompile.meta``; helper parts are named ``<name><suffix>``."""
         out = output if output is not None else self.g.fresh_name(f"{node.output[0]}{suffix}")
-        n = self.g.make_node(op, inputs, attrs or {}, name=(self.node_name(node) + suffix), output_names=[out])
-        if suffix == "":
-            meta = self.meta_of(node)
-            if meta:
-                n.meta.update(meta)
+        meta = self.meta_of(node) if suffix == "" else {}
+        n = self.g.make_node(op, inputs, attrs or {}, name=self.node_name() + suffix, output_names=[out],
+                             meta=meta)
         self.g.append(n)
         return out
 
-    def node_name(self, node: onnx.NodeProto) -> str:
-        return node.name or f"{node.op_type}_{self.index}"
+    def node_name(self) -> str:
+        return self.names[self.index]
 
     @staticmethod
     def meta_of(node: onnx.NodeProto) -> dict:
@@ -200,7 +388,7 @@ class _Importer:
         return {}
 
     def unsupported(self, node: onnx.NodeProto, alternative: str) -> UnsupportedOpError:
-        return UnsupportedOpError(node.op_type, self.node_name(node), alternative, frontend="onnx")
+        return UnsupportedOpError(node.op_type, self.node_name(), alternative, frontend="onnx")
 
     # main loop ------------------------------------------------------------
     def run(self, input_shapes: dict[str, tuple]) -> Graph:
@@ -209,7 +397,9 @@ class _Importer:
         for name, shape in input_shapes.items():
             dtype = _ELEM.get(elem_of[name])
             if dtype is None:
-                raise ShapeError(f"input '{name}' has unsupported element type {elem_of[name]}")
+                raise ShapeError(f"input '{name}' has element type "
+                                 f"{onnx.TensorProto.DataType.Name(elem_of[name])}, which qcompile does not "
+                                 f"support (supported: {sorted(set(_ELEM.values()))})")
             self.g.add_input(name, TensorType(shape, dtype))
         for t in mg.initializer:
             self.consts[t.name] = numpy_helper.to_array(t)
@@ -218,37 +408,74 @@ class _Importer:
             if handler is None:
                 raise self.unsupported(node, _ALTERNATIVES.get(node.op_type, _DEFAULT_ALTERNATIVE))
             handler(self, node, {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
-        outs = []
-        for o in mg.output:
-            name = self.alias.get(o.name, o.name)
-            if name in self.consts and name not in self.g.types:
-                raise self.unsupported(mg.node[-1], f"graph output '{o.name}' is a constant; nothing to compile")
-            outs.append(self.v(name))
-        if len(set(outs)) != len(outs) or any(o in self.g.inputs for o in outs):
-            # an output aliasing an input or another output needs a distinct value
-            fixed = []
-            for o in outs:
-                if o in fixed or o in self.g.inputs:
-                    n = self.g.append(self.g.make_node("identity", [o], name=f"{o}_out"))
-                    o = n.outputs[0]
-                fixed.append(o)
-            outs = fixed
-        self.g.outputs = outs
+        self.g.outputs = self._outputs([o.name for o in mg.output])
         return self.g
 
+    def _outputs(self, onnx_outputs: list[str]) -> list[str]:
+        """IR outputs named like the ONNX outputs.  When Identity elimination made an output an alias
+        of a node's value, that value is renamed to the output's name; an output that is an input,
+        a constant or another output gets its own ``identity`` node."""
+        produced = {o for n in self.g.nodes for o in n.outputs}
+        outs: list[str] = []
+        for o in onnx_outputs:
+            src = self.v(o)
+            if src != o and src in produced and src not in outs and src not in onnx_outputs \
+                    and o not in self.g.types:
+                self._rename_value(src, o)
+                src = o
+            if src in outs or src in self.g.inputs or src in self.g.constants:
+                out_name = o if o not in self.g.types else self.g.fresh_name(o)
+                n = self.g.make_node("identity", [src], name=f"{o}_out", output_names=[out_name])
+                self.g.append(n)
+                src = out_name
+            outs.append(src)
+        return outs
 
-_DEFAULT_ALTERNATIVE = ("qcompile supports standard CNN operators (see `qcompile passes` / README); "
+    def _rename_value(self, old: str, new: str) -> None:
+        """Rename node output ``old`` to ``new`` (a name no IR value has yet)."""
+        for n in self.g.nodes:
+            n.outputs = [new if o == old else o for o in n.outputs]
+        self.g.replace_all_uses(old, new)
+        self.g.types[new] = self.g.types.pop(old)
+        self.alias = {k: (new if v == old else v) for k, v in self.alias.items()}
+
+
+_DEFAULT_ALTERNATIVE = ("qcompile supports standard CNN operators (see the README's op list); "
                         "replace this op in the model or cut the graph before it")
+_RUNTIME_DATA = ("operates on run-time tensor data here (it is not part of a shape computation, which would "
+                 "have folded away once every input shape is static); ")
 _ALTERNATIVES = {
-    "ConvTranspose": "transposed convolution is not supported yet; cut the model before it",
+    "ConvTranspose": "ConvTranspose is not supported yet; cut the model before it or replace it by "
+                     "Resize-free upsampling + Conv",
     "Resize": "Resize/Upsample is not supported yet; cut the model before it",
-    "Shape": "its input shape must be static so it folds: pass --input-shape for every dynamic input",
+    "Upsample": "Resize/Upsample is not supported yet; cut the model before it",
+    "Shape": "Shape should have folded: pass --input-shape for every dynamic input so shape subgraphs "
+             "become constant",
+    "Size": "Size should have folded: pass --input-shape for every dynamic input so it becomes constant",
+    "ConstantOfShape": "ConstantOfShape should have folded: pass --input-shape for every dynamic input",
+    "Range": "Range should have folded: pass --input-shape for every dynamic input",
+    "Slice": "Slice " + _RUNTIME_DATA + "slicing activations is not supported yet",
+    "Gather": "Gather " + _RUNTIME_DATA + "indexing activations is not supported",
+    "Split": "Split " + _RUNTIME_DATA + "splitting activations is not supported yet",
+    "Cast": "Cast " + _RUNTIME_DATA + "qcompile graphs compute in float; remove the cast",
+    "Expand": "Expand " + _RUNTIME_DATA + "broadcast explicitly in the model instead",
+    "Pad": "Pad is supported only when it is constant zero padding directly before a Conv (it is then merged "
+           "into the Conv); other padding is not supported yet",
+    "PRelu": "PRelu is not supported yet; export with ReLU/LeakyReLU",
+    "TopK": "TopK is post-processing, not a CNN layer: cut the model before it and run it on the host",
+    "NonMaxSuppression": "NonMaxSuppression is post-processing: cut the model before it and run it on the host",
+    "ArgMax": "ArgMax is post-processing: cut the model before it and take the argmax on the host",
     "Loop": "control flow is not supported; export the model with static unrolling",
     "If": "control flow is not supported; export the model with static unrolling",
+    "Scan": "control flow is not supported; export the model with static unrolling",
     "LSTM": "recurrent layers are not supported (qcompile targets CNNs)",
     "GRU": "recurrent layers are not supported (qcompile targets CNNs)",
-    "QuantizeLinear": "pre-quantized models are not accepted as input; give the fp32 model and use the quantize pass",
-    "DequantizeLinear": "pre-quantized models are not accepted as input; give the fp32 model and use the quantize pass",
+    "RNN": "recurrent layers are not supported (qcompile targets CNNs)",
+    "QuantizeLinear": "pre-quantized models are not accepted as input; give the fp32 model and use the "
+                      "quantize pass",
+    "DequantizeLinear": "pre-quantized models are not accepted as input; give the fp32 model and use the "
+                        "quantize pass",
+    "QLinearConv": "pre-quantized models are not accepted as input; give the fp32 model and use the quantize pass",
 }
 
 
@@ -256,28 +483,26 @@ def _ints(v: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in v)
 
 
-def _conv(imp: _Importer, node, a) -> None:
-    w = imp.g.types[imp.v(node.input[1])]
-    if w.rank != 4:
-        raise imp.unsupported(node, f"only 2-D convolution is supported (weight {w})")
-    x = imp.g.types[imp.v(node.input[0])]
-    k = w.shape[2:]
-    strides = _ints(a.get("strides", (1, 1)))
-    dil = _ints(a.get("dilations", (1, 1)))
-    pads = _auto_pads(imp, node, a, x.shape[2:], k, strides, dil)
-    ins = [imp.v(i) for i in node.input]
-    imp.emit(node, "conv2d", ins, {"strides": strides, "pads": pads, "dilations": dil,
-                                   "group": int(a.get("group", 1))}, output=node.output[0])
+def _str_attr(a: dict, key: str, default: str) -> str:
+    v = a.get(key, default)
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _auto_pads(imp, node, a, spatial, k, strides, dil) -> tuple[int, int, int, int]:
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+# ---------------------------------------------------------------------------- conv / pools
+def _auto_pads(imp: _Importer, node, a, spatial, k, strides, dil) -> tuple[int, int, int, int]:
+    """Explicit (top, left, bottom, right) pads from ``pads`` or ``auto_pad``.  ONNX ``pads`` is
+    [x1_begin, x2_begin, x1_end, x2_end], i.e. already (top, left, bottom, right).  SAME_UPPER puts
+    the odd extra pixel at the end, SAME_LOWER at the beginning; output = ceil(size / stride)."""
+    auto = _str_attr(a, "auto_pad", "NOTSET")
     if auto in ("NOTSET", ""):
         p = _ints(a.get("pads", (0, 0, 0, 0)))
+        if len(p) != 4:
+            raise imp.unsupported(node, f"pads {p} are not 2-D (expected 4 values)")
         return (p[0], p[1], p[2], p[3])
     if auto == "VALID":
         return (0, 0, 0, 0)
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise imp.unsupported(node, f"auto_pad '{auto}' is not a valid ONNX value")
     out = []
     for size, kk, s, d in zip(spatial, k, strides, dil):
         total = max(0, (-(-size // s) - 1) * s + (kk - 1) * d + 1 - size)
@@ -286,84 +511,22 @@ def _auto_pads(imp, node, a, spatial, k, strides, dil) -> tuple[int, int, int, i
     return (out[0][0], out[1][0], out[0][1], out[1][1])
 
 
-def _gemm(imp: _Importer, node, a) -> None:
-    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
-    ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
-    x = imp.v(node.input[0])
-    if ta:
-        x = imp.emit(node, "transpose", [x], {"perm": (1, 0)}, suffix="/transA")
-    bconst = imp.const(node.input[1])
-    cconst = imp.const(node.input[2]) if len(node.input) > 2 else None
-    if bconst is not None and (len(node.input) < 3 or not node.input[2] or cconst is not None):
-        w = (bconst if tb else bconst.T) * alpha
-        ins = [x, imp.g.add_constant(f"{node.input[1]}", w.astype(bconst.dtype))]
-        if cconst is not None:
-            bias = np.broadcast_to(cconst * beta, (w.shape[0],)).astype(bconst.dtype)
-            ins.append(imp.g.add_constant(f"{node.input[2]}", bias))
-        imp.emit(node, "linear", ins, output=node.output[0])
-        return
-    b = imp.v(node.input[1])
-    if tb:
-        b = imp.emit(node, "transpose", [b], {"perm": (1, 0)}, suffix="/transB")
-    y = imp.emit(node, "matmul", [x, b], suffix="/matmul")
-    if alpha != 1.0:
-        y = imp.emit(node, "mul", [y, imp.g.add_constant(node.name + "_alpha", np.array(alpha, np.float32))],
-                     suffix="/alpha")
-    if len(node.input) > 2 and node.input[2]:
-        c = imp.v(node.input[2])
-        if beta != 1.0:
-            c = imp.emit(node, "mul", [c, imp.g.add_constant(node.name + "_beta", np.array(beta, np.float32))],
-                         suffix="/beta")
-        y = imp.emit(node, "add", [y, c], suffix="/bias")
-    imp.alias[node.output[0]] = y
-
-
-def _matmul(imp: _Importer, node, a) -> None:
-    w = imp.const(node.input[1])
-    if w is not None and w.ndim == 2 and imp.g.types[imp.v(node.input[0])].rank >= 1:
-        wt = imp.g.add_constant(f"{node.input[1]}_T", np.ascontiguousarray(w.T))
-        imp.emit(node, "linear", [imp.v(node.input[0]), wt], output=node.output[0])
-        return
-    imp.emit(node, "matmul", [imp.v(node.input[0]), imp.v(node.input[1])], output=node.output[0])
-
-
-def _bn(imp: _Importer, node, a) -> None:
-    if len(node.output) > 1 and any(node.output[1:]) or int(a.get("training_mode", 0)):
-        raise imp.unsupported(node, "training-mode batch norm; export the model in eval mode")
-    imp.emit(node, "batch_norm", [imp.v(i) for i in node.input], {"epsilon": float(a.get("epsilon", 1e-5))},
-             output=node.output[0])
-
-
-def _unary(op: str, attr_map: Callable[[dict], dict] | None = None):
-    def h(imp: _Importer, node, a) -> None:
-        imp.emit(node, op, [imp.v(node.input[0])], attr_map(a) if attr_map else {}, output=node.output[0])
-    return h
-
-
-def _binary(op: str):
-    def h(imp: _Importer, node, a) -> None:
-        if len(node.input) != 2:
-            raise imp.unsupported(node, f"{node.op_type} with {len(node.input)} inputs; only 2 are supported")
-        x, y = imp.v(node.input[0]), imp.v(node.input[1])
-        tx, ty = imp.g.types[x], imp.g.types[y]
-        if tx.dtype != ty.dtype:
-            for name, t, other in ((x, tx, ty), (y, ty, tx)):
-                if name in imp.g.constants and t.dtype != other.dtype:
-                    cast = imp.g.add_constant(f"{name}_{other.dtype}", imp.g.constants[name].astype(other.dtype))
-                    x, y = (cast, y) if name == x else (x, cast)
-        imp.emit(node, op, [x, y], output=node.output[0])
-    return h
-
-
-def _clip(imp: _Importer, node, a) -> None:
-    lo = imp.const(node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("min")
-    hi = imp.const(node.input[2]) if len(node.input) > 2 and node.input[2] else a.get("max")
-    for name, val in (("min", 1), ("max", 2)):
-        if len(node.input) > val and node.input[val] and imp.const(node.input[val]) is None:
-            raise imp.unsupported(node, f"Clip {name} must be a constant")
-    imp.emit(node, "clip", [imp.v(node.input[0])],
-             {"min": None if lo is None else float(np.asarray(lo)), "max": None if hi is None else float(np.asarray(hi))},
-             output=node.output[0])
+def _conv(imp: _Importer, node, a) -> None:
+    w = imp.type(node.input[1])
+    if w.rank != 4:
+        raise imp.unsupported(node, f"only 2-D convolution is supported (weight {w})")
+    if "kernel_shape" in a and _ints(a["kernel_shape"]) != w.shape[2:]:
+        raise imp.unsupported(node, f"kernel_shape {_ints(a['kernel_shape'])} disagrees with the weight {w}")
+    x = imp.type(node.input[0])
+    k = w.shape[2:]
+    strides = _ints(a.get("strides", (1, 1)))
+    dil = _ints(a.get("dilations", (1, 1)))
+    pads = _auto_pads(imp, node, a, x.shape[2:], k, strides, dil)
+    ins = [imp.v(i) for i in node.input]
+    while ins and not ins[-1]:
+        ins.pop()
+    imp.emit(node, "conv2d", ins, {"strides": strides, "pads": pads, "dilations": dil,
+                                   "group": int(a.get("group", 1))}, output=node.output[0])
 
 
 def _pool(op: str):
@@ -373,7 +536,7 @@ def _pool(op: str):
         k = _ints(a["kernel_shape"])
         if len(k) != 2:
             raise imp.unsupported(node, f"only 2-D pooling is supported (kernel {k})")
-        x = imp.g.types[imp.v(node.input[0])]
+        x = imp.type(node.input[0])
         strides = _ints(a.get("strides", (1, 1)))
         dil = _ints(a.get("dilations", (1, 1)))
         attrs = {"kernel": k, "strides": strides, "pads": _auto_pads(imp, node, a, x.shape[2:], k, strides, dil),
@@ -388,7 +551,133 @@ def _pool(op: str):
     return h
 
 
+def _global_max_pool(imp: _Importer, node, a) -> None:
+    x = imp.type(node.input[0])
+    if x.rank != 4:
+        raise imp.unsupported(node, f"only NCHW input is supported (got {x})")
+    imp.emit(node, "max_pool2d", [imp.v(node.input[0])], {"kernel": x.shape[2:]}, output=node.output[0])
+
+
+# ---------------------------------------------------------------------------- gemm / matmul
+def _gemm(imp: _Importer, node, a) -> None:
+    """Y = alpha * A' @ B' + beta * C.  Constant B -> ``linear`` (w in (out, in) layout, alpha folded
+    into w; a constant C that is a per-column bias folded into the bias with beta).  Otherwise
+    transpose / matmul / mul / add."""
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
+    has_c = len(node.input) > 2 and bool(node.input[2])
+    x = imp.v(node.input[0])
+    if ta:
+        x = imp.emit(node, "transpose", [x], {"perm": (1, 0)}, suffix="/transA")
+    bconst = imp.const(node.input[1])
+    if bconst is not None:
+        w = (bconst if tb else bconst.T) * np.asarray(alpha, bconst.dtype)
+        n_out = w.shape[0]
+        ins = [x, imp.g.add_constant(f"{node.input[1]}_w", np.ascontiguousarray(w.astype(bconst.dtype)))]
+        cconst = imp.const(node.input[2]) if has_c else None
+        bias_like = cconst is not None and (cconst.ndim <= 1 or cconst.shape[0] == 1) \
+            and cconst.size in (1, n_out)
+        if bias_like:
+            bias = np.broadcast_to(cconst.reshape(-1) * np.asarray(beta, cconst.dtype), (n_out,))
+            ins.append(imp.g.add_constant(f"{node.input[2]}_bias", bias.astype(bconst.dtype)))
+        if not has_c or bias_like:
+            imp.emit(node, "linear", ins, output=node.output[0])
+            return
+        y = imp.emit(node, "linear", ins, suffix="/linear")
+    else:
+        b = imp.v(node.input[1])
+        if tb:
+            b = imp.emit(node, "transpose", [b], {"perm": (1, 0)}, suffix="/transB")
+        if not has_c and alpha == 1.0:
+            imp.emit(node, "matmul", [x, b], output=node.output[0])
+            return
+        y = imp.emit(node, "matmul", [x, b], suffix="/matmul")
+        if alpha != 1.0:
+            alpha_c = imp.g.add_constant(f"{node.output[0]}_alpha", np.array(alpha, imp.g.types[y].dtype))
+            if not has_c:
+                imp.emit(node, "mul", [y, alpha_c], output=node.output[0])
+                return
+            y = imp.emit(node, "mul", [y, alpha_c], suffix="/alpha")
+    c = imp.v(node.input[2])
+    if beta != 1.0:
+        beta_c = imp.g.add_constant(f"{node.output[0]}_beta", np.array(beta, imp.g.types[c].dtype))
+        c = imp.emit(node, "mul", [c, beta_c], suffix="/beta")
+    imp.emit(node, "add", [y, c], output=node.output[0])
+
+
+def _matmul(imp: _Importer, node, a) -> None:
+    """Constant 2-D right operand -> ``linear`` with w = B^T; otherwise ``matmul``."""
+    w = imp.const(node.input[1])
+    if w is not None and w.ndim == 2 and imp.type(node.input[0]).rank >= 1:
+        wt = imp.g.add_constant(f"{node.input[1]}_T", np.ascontiguousarray(w.T))
+        imp.emit(node, "linear", [imp.v(node.input[0]), wt], output=node.output[0])
+        return
+    x, y = imp.type(node.input[0]), imp.type(node.input[1])
+    if x.rank < 2 or y.rank < 2:
+        raise imp.unsupported(node, f"MatMul with a 1-D operand ({x} @ {y}) is not supported; reshape to 2-D")
+    imp.emit(node, "matmul", [imp.v(node.input[0]), imp.v(node.input[1])], output=node.output[0])
+
+
+def _bn(imp: _Importer, node, a) -> None:
+    if (len(node.output) > 1 and any(node.output[1:])) or int(a.get("training_mode", 0)):
+        raise imp.unsupported(node, "training-mode batch norm; export the model in eval mode")
+    imp.emit(node, "batch_norm", [imp.v(i) for i in node.input], {"epsilon": float(a.get("epsilon", 1e-5))},
+             output=node.output[0])
+
+
+# ---------------------------------------------------------------------------- elementwise
+def _unary(op: str, attr_map: Callable[[dict], dict] | None = None):
+    def h(imp: _Importer, node, a) -> None:
+        imp.emit(node, op, [imp.v(node.input[0])], attr_map(a) if attr_map else {}, output=node.output[0])
+    return h
+
+
+def _match_dtypes(imp: _Importer, x: str, y: str) -> tuple[str, str]:
+    """If a constant operand's dtype differs from the other operand's, cast the constant."""
+    tx, ty = imp.g.types[x], imp.g.types[y]
+    if tx.dtype == ty.dtype:
+        return x, y
+    if y in imp.g.constants:
+        return x, imp.g.add_constant(f"{y}_{tx.dtype}", imp.g.constants[y].astype(tx.dtype))
+    if x in imp.g.constants:
+        return imp.g.add_constant(f"{x}_{ty.dtype}", imp.g.constants[x].astype(ty.dtype)), y
+    return x, y
+
+
+def _binary(op: str):
+    """Binary broadcasting op; Sum/Max/Min with more than two inputs become a chain."""
+    def h(imp: _Importer, node, a) -> None:
+        ins = [i for i in node.input]
+        if len(ins) == 1:
+            imp.alias[node.output[0]] = imp.alias.get(ins[0], ins[0])
+            return
+        acc = imp.v(ins[0])
+        for k, i in enumerate(ins[1:]):
+            last = k == len(ins) - 2
+            x, y = _match_dtypes(imp, acc, imp.v(i))
+            acc = imp.emit(node, op, [x, y], output=node.output[0] if last else None,
+                           suffix="" if last else f"/{op}{k}")
+    return h
+
+
+def _clip(imp: _Importer, node, a) -> None:
+    bounds = {}
+    for key, idx in (("min", 1), ("max", 2)):
+        if len(node.input) > idx and node.input[idx]:
+            c = imp.const(node.input[idx])
+            if c is None:
+                raise imp.unsupported(node, f"Clip {key} must be a constant")
+            bounds[key] = float(np.asarray(c).reshape(-1)[0])
+        elif key in a:  # opset < 11 attribute form
+            bounds[key] = float(a[key])
+        else:
+            bounds[key] = None
+    imp.emit(node, "clip", [imp.v(node.input[0])], bounds, output=node.output[0])
+
+
+# ---------------------------------------------------------------------------- reductions / layout
 def _axes(imp: _Importer, node, a, rank: int) -> tuple[int, ...] | None:
+    """Axes from the ``axes`` input (opset 13+/18+) or attribute, normalised to [0, rank); None if absent."""
     if len(node.input) > 1 and node.input[1]:
         c = imp.const(node.input[1])
         if c is None:
@@ -398,6 +687,9 @@ def _axes(imp: _Importer, node, a, rank: int) -> tuple[int, ...] | None:
         ax = list(a["axes"])
     else:
         return None
+    for x in ax:
+        if not -rank <= int(x) < rank:
+            raise imp.unsupported(node, f"axis {x} is out of range for rank {rank}")
     return tuple(int(x) % rank for x in ax)
 
 
@@ -405,7 +697,7 @@ def _reduce_mean(imp: _Importer, node, a) -> None:
     x = imp.v(node.input[0])
     rank = imp.g.types[x].rank
     axes = _axes(imp, node, a, rank)
-    if axes is None:
+    if axes is None or axes == ():
         if int(a.get("noop_with_empty_axes", 0)):
             imp.alias[node.output[0]] = x
             return
@@ -418,67 +710,80 @@ def _to_reshape(imp: _Importer, node, shape: tuple[int, ...]) -> None:
 
 
 def _reshape(imp: _Importer, node, a) -> None:
+    """Constant target shape; 0 copies the input dim (unless allowzero), -1 is inferred."""
     target = imp.const(node.input[1])
     if target is None:
         raise imp.unsupported(node, "the target shape is computed at run time and did not fold; pass "
                                     "--input-shape for every dynamic input so shape subgraphs become constant")
-    x = imp.g.types[imp.v(node.input[0])]
+    x = imp.type(node.input[0])
     shape = [int(d) for d in target.reshape(-1)]
     if not int(a.get("allowzero", 0)):
         shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    if shape.count(-1) > 1:
+        raise imp.unsupported(node, f"target shape {shape} has more than one -1")
     if -1 in shape:
-        known = int(np.prod([d for d in shape if d != -1]))
-        shape[shape.index(-1)] = x.numel // max(known, 1)
+        known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+        shape[shape.index(-1)] = x.numel // known if known else 0
     _to_reshape(imp, node, tuple(shape))
 
 
 def _squeeze(imp: _Importer, node, a) -> None:
-    x = imp.g.types[imp.v(node.input[0])]
+    x = imp.type(node.input[0])
     axes = _axes(imp, node, a, x.rank)
     if axes is None:
         axes = tuple(i for i, d in enumerate(x.shape) if d == 1)
+    if any(x.shape[i] != 1 for i in axes):
+        raise imp.unsupported(node, f"cannot squeeze axes {axes} of {x}: they are not 1")
     _to_reshape(imp, node, tuple(d for i, d in enumerate(x.shape) if i not in axes))
 
 
 def _unsqueeze(imp: _Importer, node, a) -> None:
-    x = imp.g.types[imp.v(node.input[0])]
-    out_rank = x.rank + (len(imp.const(node.input[1]).reshape(-1)) if len(node.input) > 1
-                         else len(a.get("axes", ())))
+    x = imp.type(node.input[0])
+    if len(node.input) > 1 and node.input[1]:
+        c = imp.const(node.input[1])
+        if c is None:
+            raise imp.unsupported(node, "axes must be constant")
+        n_new = c.size
+    else:
+        n_new = len(a.get("axes", ()))
+    out_rank = x.rank + n_new
     axes = _axes(imp, node, a, out_rank) or ()
     it = iter(x.shape)
     _to_reshape(imp, node, tuple(1 if i in axes else next(it) for i in range(out_rank)))
 
 
+def _transpose(imp: _Importer, node, a) -> None:
+    rank = imp.type(node.input[0]).rank
+    perm = _ints(a["perm"]) if "perm" in a else tuple(reversed(range(rank)))
+    imp.emit(node, "transpose", [imp.v(node.input[0])], {"perm": perm}, output=node.output[0])
+
+
+# ---------------------------------------------------------------------------- plumbing
 def _eliminate(imp: _Importer, node, a) -> None:
-    if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
-        raise imp.unsupported(node, "Dropout mask output is not supported")
-    src = imp.alias.get(node.input[0], node.input[0])
-    imp.alias[node.output[0]] = src
+    """Identity / inference Dropout: rewire consumers to the input."""
+    if node.op_type == "Dropout":
+        if len(node.output) > 1 and node.output[1]:
+            raise imp.unsupported(node, "Dropout mask output is not supported")
+        if len(node.input) > 2 and node.input[2]:
+            mode = imp.const(node.input[2])
+            if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
+                raise imp.unsupported(node, "training-mode Dropout; export the model in eval mode")
+    imp.alias[node.output[0]] = imp.alias.get(node.input[0], node.input[0])
 
 
 def _constant(imp: _Importer, node, a) -> None:
-    value = next(iter(a.values())) if a else None
+    """A Constant node the folder did not lift: record its value."""
+    if len(a) != 1:
+        raise imp.unsupported(node, "Constant without exactly one value attribute")
+    key, value = next(iter(a.items()))
     if isinstance(value, onnx.TensorProto):
         imp.consts[node.output[0]] = numpy_helper.to_array(value)
-    elif value is not None:
-        imp.consts[node.output[0]] = np.asarray(value)
+    elif key in ("value_float", "value_int"):
+        imp.consts[node.output[0]] = np.array(value, np.float32 if key == "value_float" else np.int64)
+    elif key in ("value_floats", "value_ints"):
+        imp.consts[node.output[0]] = np.array(value, np.float32 if key == "value_floats" else np.int64)
     else:
-        raise imp.unsupported(node, "Constant without a value")
-
-
-def _sum(imp: _Importer, node, a) -> None:
-    if len(node.input) == 1:
-        imp.alias[node.output[0]] = imp.alias.get(node.input[0], node.input[0])
-        return
-    acc = imp.v(node.input[0])
-    for k, i in enumerate(node.input[1:]):
-        last = k == len(node.input) - 2
-        acc = imp.emit(node, "add", [acc, imp.v(i)], output=node.output[0] if last else None,
-                       suffix="" if last else f"/add{k}")
-
-
-def _softmax(imp: _Importer, node, a) -> None:
-    imp.emit(node, "softmax", [imp.v(node.input[0])], {"axis": int(a.get("axis", -1))}, output=node.output[0])
+        raise imp.unsupported(node, f"Constant with a '{key}' value is not supported")
 
 
 HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
@@ -489,45 +794,49 @@ HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
     "HardSigmoid": _unary("hardsigmoid", lambda a: {"alpha": float(a.get("alpha", 0.2)),
                                                      "beta": float(a.get("beta", 0.5))}),
     "LeakyRelu": _unary("leaky_relu", lambda a: {"alpha": float(a.get("alpha", 0.01))}),
-    "Gelu": _unary("gelu", lambda a: {"approximate": (a.get("approximate", b"none").decode()
-                                                      if isinstance(a.get("approximate", "none"), bytes)
-                                                      else a.get("approximate", "none"))}),
+    "Gelu": _unary("gelu", lambda a: {"approximate": _str_attr(a, "approximate", "none")}),
     "Clip": _clip,
     "Add": _binary("add"), "Sub": _binary("sub"), "Mul": _binary("mul"), "Div": _binary("div"),
-    "Pow": _binary("pow"), "Max": _binary("max"), "Min": _binary("min"), "Sum": _sum,
+    "Pow": _binary("pow"), "Max": _binary("max"), "Min": _binary("min"), "Sum": _binary("add"),
     "MaxPool": _pool("max_pool2d"), "AveragePool": _pool("avg_pool2d"),
-    "GlobalAveragePool": _unary("global_avg_pool"), "ReduceMean": _reduce_mean,
+    "GlobalAveragePool": _unary("global_avg_pool"), "GlobalMaxPool": _global_max_pool,
+    "ReduceMean": _reduce_mean,
     "Concat": lambda imp, n, a: imp.emit(n, "concat", [imp.v(i) for i in n.input], {"axis": int(a["axis"])},
                                          output=n.output[0]),
     "Reshape": _reshape, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Flatten": lambda imp, n, a: imp.emit(n, "flatten", [imp.v(n.input[0])], {"axis": int(a.get("axis", 1))},
                                           output=n.output[0]),
-    "Transpose": lambda imp, n, a: imp.emit(
-        n, "transpose", [imp.v(n.input[0])],
-        {"perm": _ints(a["perm"]) if "perm" in a else tuple(reversed(range(imp.g.types[imp.v(n.input[0])].rank)))},
-        output=n.output[0]),
-    "Softmax": _softmax, "Identity": _eliminate, "Dropout": _eliminate, "Constant": _constant,
+    "Transpose": _transpose,
+    "Softmax": lambda imp, n, a: imp.emit(n, "softmax", [imp.v(n.input[0])], {"axis": int(a.get("axis", -1))},
+                                          output=n.output[0]),
+    "Identity": _eliminate, "Dropout": _eliminate, "Constant": _constant,
 }
+"""ONNX op type -> handler(importer, node, attributes)."""
+
+
+# ============================================================================ entry point
+def _restore_graph_meta(graph: Graph, model: onnx.ModelProto) -> None:
+    for p in model.metadata_props:
+        if p.key == "qcompile.graph_meta":
+            graph.meta.update(json.loads(p.value))
 
 
 def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
-    """Load an ONNX CNN into the IR with static shapes (see module docstring)."""
+    """Load an ONNX CNN into a static-shape IR graph (steps and errors: module docstring).
+
+    ``input_shapes`` maps graph input names to the static shapes to compile for; inputs whose
+    declared shape is fully static may be omitted."""
     path = Path(path)
     model = read_onnx(path)
     _reject_foreign_domains(model)
     opset = _default_opset(model)
-    if opset < MIN_OPSET:
-        try:
-            model = onnx.version_converter.convert_version(model, MIN_OPSET)
-        except Exception as e:  # noqa: BLE001
-            raise ModelLoadError(f"'{path}': cannot upgrade opset {opset} to {MIN_OPSET}: {e}") from e
+    model = _upgrade_opset(model, opset, path)
     shapes = _specialise_inputs(model, dict(input_shapes or {}))
+    model = _check_shapes(model, path, shapes)
     model = _fold_constants(model, path)
     graph = _Importer(model, path).run(shapes)
     graph.remove_unused_constants()
-    for p in model.metadata_props:
-        if p.key == "qcompile.graph_meta":
-            graph.meta.update(json.loads(p.value))
+    _restore_graph_meta(graph, model)
     graph.meta["source"] = {"format": "onnx", "path": str(path), "opset": opset,
                             "producer": f"{model.producer_name} {model.producer_version}".strip()}
     graph.meta["input_shapes"] = {k: list(v) for k, v in shapes.items()}

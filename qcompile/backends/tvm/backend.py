@@ -131,7 +131,7 @@ class TvmBackend(Backend):
 
     def export(self, executable, path: Path) -> None:
         if self.cpu.cross_cc:
-            from tvm.contrib import cc
+            from tvm.support import cc
 
             executable.export_library(str(path), fcompile=cc.cross_compiler(self.cpu.cross_cc))
         else:
