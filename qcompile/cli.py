@@ -140,6 +140,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SEED_SPECS = [f"qcompile.models.zoo:{n}" for n in ("resnet18", "vgg16", "googlenet", "densenet121",
+                                                     "mobilenet_v2")] + ["qcompile.models.digits:digits_cnn"]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from qcompile.bench import format_table, machine, run_benchmark
+
+    variants = {"original": "fold-bn,dead-code"}
+    for item in args.variant:
+        name, sep, pipe = item.partition("=")
+        if not sep:
+            raise InputError(f"bad --variant '{item}': expected NAME=PIPELINE")
+        variants[name] = pipe
+    rows = run_benchmark(args.models or SEED_SPECS, args.backends.split(","), variants, Path(args.out),
+                         rounds=args.rounds, number=args.number, threads=args.threads, reference=args.reference)
+    m = machine()
+    print(f"machine: {m.get('Model name', '?')} ({m.get('llvm_cpu', '?')}), {m['affinity']} cores usable; "
+          f"threads {args.threads or m['affinity']}; medians of {args.rounds} interleaved rounds x {args.number} runs")
+    print(format_table(rows))
+    print(f"results: {Path(args.out) / 'results.json'}, plot: {Path(args.out) / 'ratios.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="print tracebacks for all errors")
@@ -178,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input array (.npy, or .npz keyed by input name); repeatable")
     r.add_argument("--output", help="save outputs to this .npz")
     r.set_defaults(fn=_cmd_run)
+
+    b = sub.add_parser("bench", help="compare backends on models (interleaved medians, ratios, JSON + plot)")
+    b.add_argument("models", nargs="*", help="model specs (default: the five seed CNNs and the bundled model)")
+    b.add_argument("-b", "--backends", default="torch,onnxruntime,onnxruntime-int8,tvm-x86",
+                   help="comma-separated: torch, onnxruntime, onnxruntime-int8, tvm-x86, tvm-arm64")
+    b.add_argument("--variant", action="append", default=[], metavar="NAME=PIPELINE",
+                   help="extra variant compiled with PIPELINE (the 'original' variant is always measured)")
+    b.add_argument("--reference", default="onnxruntime", help="backend the ratios are relative to")
+    b.add_argument("--rounds", type=int, default=5)
+    b.add_argument("--number", type=int, default=5, help="calls per backend per round")
+    b.add_argument("--threads", type=int, help="threads per backend (default: all usable cores)")
+    b.add_argument("--out", default="benchmarks/results/latest", help="folder for results.json and ratios.png")
+    b.set_defaults(fn=_cmd_bench)
     return parser
 
 

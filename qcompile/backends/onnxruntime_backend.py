@@ -29,9 +29,6 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    # no busy-waiting between runs: spinning workers steal the cores from whatever runs next
-    # (another backend in an interleaved benchmark, the rest of a pipeline)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

@@ -25,8 +25,8 @@
 5. **mapping** (:data:`HANDLERS`): every remaining ONNX node becomes IR ops;
    anything else raises :class:`UnsupportedOpError` naming op, node and what to do.
 
-Names: IR node names are the ONNX node names (made unique; ``<OpType>_<index>``
-when empty), IR value names are the ONNX value names, graph outputs keep their
+Names: IR node names are the ONNX node names (made unique; ``<OpType>_<index>``,
+the node's position in the file, when empty), IR value names are the ONNX value names, graph outputs keep their
 ONNX names.  Metadata written by our exporter is restored: node
 ``metadata_props["qcompile.meta"]`` -> ``node.meta``, model
 ``metadata_props["qcompile.graph_meta"]`` -> ``graph.meta``.
@@ -277,9 +277,12 @@ def _check_shapes(model: onnx.ModelProto, path: Path, shapes: dict[str, tuple]) 
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:  # noqa: BLE001 - InferenceError and friends
-        given = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
-        raise ShapeError(f"'{path}': the input shapes ({given}) are inconsistent with the model: "
+        raise ShapeError(f"'{path}': the input shapes ({_fmt_shapes(shapes)}) are inconsistent with the model: "
                          f"{_first_line(e)}") from e
+
+
+def _fmt_shapes(shapes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
 def _fold_constants(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
@@ -323,6 +326,13 @@ def _unique_node_names(nodes) -> list[str]:
         seen.add(name)
         out.append(name)
     return out
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node of ``model`` a unique name in place (``<OpType>_<index>`` in the user's
+    file for unnamed ones), before folding renames or drops anything."""
+    for node, name in zip(model.graph.node, _unique_node_names(model.graph.node)):
+        node.name = name
 
 
 def _all_value_names(graph: onnx.GraphProto) -> set[str]:
@@ -832,9 +842,13 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     opset = _default_opset(model)
     model = _upgrade_opset(model, opset, path)
     shapes = _specialise_inputs(model, dict(input_shapes or {}))
+    _name_nodes(model)
     model = _check_shapes(model, path, shapes)
     model = _fold_constants(model, path)
-    graph = _Importer(model, path).run(shapes)
+    try:
+        graph = _Importer(model, path).run(shapes)
+    except ShapeError as e:  # an IR shape rule failed: say which specialisation it was
+        raise ShapeError(f"'{path}' with input shapes ({_fmt_shapes(shapes)}): {e}") from e
     graph.remove_unused_constants()
     _restore_graph_meta(graph, model)
     graph.meta["source"] = {"format": "onnx", "path": str(path), "opset": opset,
