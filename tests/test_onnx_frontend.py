@@ -12,6 +12,8 @@ Numerics.  Each model goes ONNX -> ``load_onnx`` -> IR and is checked twice on r
 Every imported graph passes ``qcompile.ir.verify``.
 """
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -230,7 +232,8 @@ def test_shape_subgraph_folds_after_specialisation(tmp_path, pick):
         load_onnx(tmp_path / "dyn.onnx")
     g = check(tmp_path, m, {"x": (3, 4, 3, 3)})
     assert g.op_counts() == {"reshape": 1, "linear": 1}
-    assert g.node("f" if False else g.nodes[0].name).attrs["shape"] == (3, 36)
+    (reshape,) = [n for n in g.nodes if n.op == "reshape"]
+    assert reshape.attrs["shape"] == (3, 36) and reshape.name.startswith("Reshape_")  # unnamed: <OpType>_<index>
     assert g.types["y"].shape == (3, 10) and g.meta["input_shapes"] == {"x": [3, 4, 3, 3]}
 
 
@@ -441,3 +444,26 @@ def test_real_models_with_unsupported_ops_name_them(rapidocr_models):
     """The detector needs Resize / ConvTranspose, which qcompile does not support yet: the error says so."""
     with pytest.raises(UnsupportedOpError, match=r"'(Resize|ConvTranspose)' at node '[^']+'"):
         load_onnx(rapidocr_models["ch_PP-OCRv4_det_infer.onnx"], {"x": (1, 3, 64, 64)})
+
+
+def test_unreachable_registry_raises_registry_unavailable(tmp_path, monkeypatch):
+    from qcompile.models.thirdparty import RegistryUnavailable, fetch_rapidocr_models
+
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # discard port: connection refused
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    with pytest.raises(RegistryUnavailable, match="registry unreachable"):
+        fetch_rapidocr_models(tmp_path)
+    assert not (tmp_path / "models" / "rapidocr-onnxruntime-1.4.4").exists()
+
+
+@pytest.mark.network
+def test_fetch_into_a_fresh_cache_and_repair_a_corrupt_copy(tmp_path, rapidocr_models):
+    from qcompile.models.thirdparty import RAPIDOCR_MODELS, fetch_rapidocr_models
+
+    paths = fetch_rapidocr_models(tmp_path)
+    assert set(paths) == set(RAPIDOCR_MODELS)
+    assert all(p.read_bytes() == rapidocr_models[k].read_bytes() for k, p in paths.items())
+    paths[CLS].write_bytes(b"tampered")
+    assert fetch_rapidocr_models(tmp_path)[CLS].read_bytes() == rapidocr_models[CLS].read_bytes()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["rapidocr-onnxruntime-1.4.4"]

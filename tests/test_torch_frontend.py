@@ -188,3 +188,20 @@ def test_graph_module_trains_and_writes_back():
     with torch.no_grad():
         assert within_fp32_tolerance([to_torch(g2)(x[:1]).numpy()], [gm(x[:1]).numpy()], RTOL, ATOL_REL)
     assert not np.array_equal(g2.constants["fc.weight"], g.constants["fc.weight"])
+
+
+def test_constant_names_cannot_collide_with_module_attributes():
+    """User tensors named like nn.Module attributes ('half', 'to', 'train') must not break the interpreter."""
+    import numpy as np
+
+    from qcompile.ir import Graph, TensorType
+
+    g = Graph("names")
+    x = g.add_input("x", TensorType((2, 3)))
+    y = x
+    for name in ("half", "to", "train", "forward"):
+        c = g.add_constant(name, np.full((3,), 2.0, np.float32), exact_name=True)
+        y = g.append(g.make_node("mul", [y, c], name=f"mul_{name}")).outputs[0]
+    g.outputs = [y]
+    out = to_torch(g)(torch.ones(2, 3))
+    assert torch.allclose(out, torch.full((2, 3), 16.0))

@@ -147,9 +147,9 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": tor
 
 
 def _param_name(const: str, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9_]", "_", const) or "c"
-    if base[0].isdigit():
-        base = "c_" + base
+    """A module attribute name for an IR constant: always prefixed, so user tensor names such as
+    'half', 'to' or 'train' cannot collide with ``nn.Module`` attributes."""
+    base = "c_" + (re.sub(r"[^A-Za-z0-9_]", "_", const) or "const")
     name, i = base, 0
     while name in taken:
         i += 1

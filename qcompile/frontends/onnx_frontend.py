@@ -15,13 +15,14 @@
    left, a given shape contradicts the model, or an unknown input is named).
    Initializers that are also listed as graph inputs are constants.
 4. **folding**: ``onnx.shape_inference.infer_shapes(strict_mode=True,
-   data_prop=True)`` checks the specialised shapes; then onnxscript's
-   ``FoldConstantsPass`` and a fixed set of *exact* onnxscript rewrite rules
-   (no-op removal, Pad-into-Conv, shape materialisation; see
-   :data:`_EXACT_REWRITE_RULES`) fold everything that became constant: shape
-   subgraphs (``Shape -> Gather/Slice -> Concat -> Reshape``), ``Constant``
-   nodes, casts of constants.  Nothing numerically inexact (BatchNorm fusion
-   etc.) happens here: those are qcompile passes, with provenance.
+   data_prop=True)`` checks the specialised shapes (ShapeError naming them);
+   then ``onnxscript.optimizer.fold_constants_ir`` and a fixed set of *exact*
+   onnxscript rewrite rules (no-op removal, Pad-into-Conv, shape
+   materialisation; see :func:`_exact_rewrite_rules`), iterated to a fixed
+   point, fold everything that became constant: shape subgraphs
+   (``Shape -> Gather/Slice -> Concat -> Reshape``), ``Constant`` nodes, casts
+   of constants.  Nothing numerically inexact (BatchNorm fusion etc.) happens
+   here: those are qcompile passes, with provenance.
 5. **mapping** (:data:`HANDLERS`): every remaining ONNX node becomes IR ops;
    anything else raises :class:`UnsupportedOpError` naming op, node and what to do.
 
@@ -181,15 +182,18 @@ def _declared_dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
     return out
 
 
-def _shape_hint(name: str, declared: list) -> str:
-    """A copy-pasteable ``--input-shape`` suggestion: dynamic batch (dim 0) -> 1, other dynamic
-    dims -> a placeholder (their dim_param, or D<k>)."""
+def _shape_hint(name: str, declared: list, example: bool = False) -> str:
+    """An ``--input-shape`` value for input ``name``: fixed dims as declared, a dynamic batch
+    (dim 0) as 1, other dynamic dims as a placeholder (their dim_param, or D<k>) — or, with
+    ``example``, as 224 (a concrete, copy-pasteable example)."""
     parts = []
     for k, d in enumerate(declared):
         if isinstance(d, int):
             parts.append(str(d))
         elif k == 0:
             parts.append("1")
+        elif example:
+            parts.append("224")
         else:
             parts.append(d if isinstance(d, str) and d.isidentifier() else f"D{k}")
     return f"{name}=" + "x".join(parts)
@@ -219,12 +223,13 @@ def _resolve_input_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None)
                          f"shapes: pass --input-shape {vi.name}=D0xD1x... (for example {vi.name}=1x3x224x224)")
     dynamic = [k for k, d in enumerate(declared) if not isinstance(d, int)]
     if dynamic:
-        what = ", ".join(f"{k} ('{declared[k]}')" if isinstance(declared[k], str) else f"{k}" for k in dynamic)
+        what = ", ".join(f"{k} ('{declared[k]}')" if isinstance(declared[k], str) and declared[k] != "?"
+                         else f"{k}" for k in dynamic)
         raise ShapeError(
             f"input '{vi.name}' has dynamic dimension(s) {what} in shape "
             f"{_fmt([d if isinstance(d, int) else None for d in declared])}; qcompile compiles static shapes: "
             f"pass --input-shape {_shape_hint(vi.name, declared)} with the sizes you will run "
-            f"(for example --input-shape x=1x3x48x192)")
+            f"(for example --input-shape {_shape_hint(vi.name, declared, example=True)})")
     return tuple(declared)  # type: ignore[arg-type]
 
 
@@ -285,28 +290,33 @@ def _fmt_shapes(shapes: dict[str, tuple]) -> str:
     return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
+FOLD_MAX_ROUNDS = 8
+"""Fold + rewrite rounds before giving up on reaching a fixed point (real models need 2-3)."""
+
+
 def _fold_constants(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """Fold every subgraph whose value became constant, using onnxscript / onnx_ir passes:
-    function inlining, ``FoldConstantsPass`` (with node-level shape inference) and the exact
-    rewrite rules, iterated to a fixed point; then Constant nodes become initializers."""
+    """Fold every subgraph whose value became constant, with onnxscript's public optimizer API:
+    functions are inlined, then ``onnxscript.optimizer.fold_constants_ir`` (with node-level ONNX
+    shape inference, so ``Shape`` of a now-static tensor folds) and the exact rewrite rules
+    alternate until neither changes the model; finally Constant nodes become initializers."""
     import onnx_ir as ir
     import onnx_ir.passes.common as common
-    from onnxscript import rewriter
-    from onnxscript.optimizer._constant_folding import FoldConstantsPass
+    from onnxscript import optimizer, rewriter
 
     try:
         m = ir.serde.deserialize_model(model)
-        ir.passes.Sequential(
-            common.InlinePass(),
-            ir.passes.PassManager([
-                FoldConstantsPass(shape_inference=True, input_size_limit=FOLD_INPUT_SIZE_LIMIT,
-                                  output_size_limit=FOLD_OUTPUT_SIZE_LIMIT),
-                rewriter.RewritePass(_exact_rewrite_rules()),
-                common.RemoveUnusedNodesPass(),
-            ], steps=8, early_stop=True),
-            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-            common.RemoveUnusedNodesPass(),
-        )(m)
+        common.InlinePass()(m)
+        rewrite = rewriter.RewritePass(_exact_rewrite_rules())
+        for _ in range(FOLD_MAX_ROUNDS):
+            folded = optimizer.fold_constants_ir(m, onnx_shape_inference=True,
+                                                 input_size_limit=FOLD_INPUT_SIZE_LIMIT,
+                                                 output_size_limit=FOLD_OUTPUT_SIZE_LIMIT)
+            rewritten = rewrite(m)
+            common.RemoveUnusedNodesPass()(m)
+            if not (folded.modified or rewritten.modified):
+                break
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(m)
+        common.RemoveUnusedNodesPass()(m)
         return ir.serde.serialize_model(m)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"'{path}': constant folding failed: {type(e).__name__}: {_first_line(e)}") from e
@@ -493,6 +503,12 @@ def _ints(v: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in v)
 
 
+def _f32(v: Any) -> float:
+    """A float32 value (ONNX float attributes / scalars) as the shortest python float that rounds to
+    it, e.g. 1e-5 rather than 9.999999747378752e-06, so IR -> ONNX -> IR keeps attributes equal."""
+    return float(str(np.float32(v)))
+
+
 def _str_attr(a: dict, key: str, default: str) -> str:
     v = a.get(key, default)
     return v.decode() if isinstance(v, bytes) else str(v)
@@ -581,13 +597,18 @@ def _gemm(imp: _Importer, node, a) -> None:
         x = imp.emit(node, "transpose", [x], {"perm": (1, 0)}, suffix="/transA")
     bconst = imp.const(node.input[1])
     if bconst is not None:
-        w = (bconst if tb else bconst.T) * np.asarray(alpha, bconst.dtype)
-        n_out = w.shape[0]
-        ins = [x, imp.g.add_constant(f"{node.input[1]}_w", np.ascontiguousarray(w.astype(bconst.dtype)))]
+        n_out = bconst.shape[0] if tb else bconst.shape[1]
+        if tb and alpha == 1.0:  # already (out, in): keep the user's constant
+            ins = [x, imp.v(node.input[1])]
+        else:
+            w = (bconst if tb else bconst.T) * np.asarray(alpha, bconst.dtype)
+            ins = [x, imp.g.add_constant(f"{node.input[1]}_w", np.ascontiguousarray(w.astype(bconst.dtype)))]
         cconst = imp.const(node.input[2]) if has_c else None
         bias_like = cconst is not None and (cconst.ndim <= 1 or cconst.shape[0] == 1) \
             and cconst.size in (1, n_out)
-        if bias_like:
+        if bias_like and cconst.shape == (n_out,) and beta == 1.0 and cconst.dtype == bconst.dtype:
+            ins.append(imp.v(node.input[2]))
+        elif bias_like:
             bias = np.broadcast_to(cconst.reshape(-1) * np.asarray(beta, cconst.dtype), (n_out,))
             ins.append(imp.g.add_constant(f"{node.input[2]}_bias", bias.astype(bconst.dtype)))
         if not has_c or bias_like:
@@ -631,7 +652,7 @@ def _matmul(imp: _Importer, node, a) -> None:
 def _bn(imp: _Importer, node, a) -> None:
     if (len(node.output) > 1 and any(node.output[1:])) or int(a.get("training_mode", 0)):
         raise imp.unsupported(node, "training-mode batch norm; export the model in eval mode")
-    imp.emit(node, "batch_norm", [imp.v(i) for i in node.input], {"epsilon": float(a.get("epsilon", 1e-5))},
+    imp.emit(node, "batch_norm", [imp.v(i) for i in node.input], {"epsilon": _f32(a.get("epsilon", 1e-5))},
              output=node.output[0])
 
 
@@ -677,9 +698,9 @@ def _clip(imp: _Importer, node, a) -> None:
             c = imp.const(node.input[idx])
             if c is None:
                 raise imp.unsupported(node, f"Clip {key} must be a constant")
-            bounds[key] = float(np.asarray(c).reshape(-1)[0])
+            bounds[key] = _f32(np.asarray(c).reshape(-1)[0])
         elif key in a:  # opset < 11 attribute form
-            bounds[key] = float(a[key])
+            bounds[key] = _f32(a[key])
         else:
             bounds[key] = None
     imp.emit(node, "clip", [imp.v(node.input[0])], bounds, output=node.output[0])
@@ -801,9 +822,9 @@ HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
     "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"), "Exp": _unary("exp"),
     "Sqrt": _unary("sqrt"), "Erf": _unary("erf"), "Neg": _unary("neg"), "Abs": _unary("abs"),
     "Reciprocal": _unary("reciprocal"), "HardSwish": _unary("hardswish"),
-    "HardSigmoid": _unary("hardsigmoid", lambda a: {"alpha": float(a.get("alpha", 0.2)),
-                                                     "beta": float(a.get("beta", 0.5))}),
-    "LeakyRelu": _unary("leaky_relu", lambda a: {"alpha": float(a.get("alpha", 0.01))}),
+    "HardSigmoid": _unary("hardsigmoid", lambda a: {"alpha": _f32(a.get("alpha", 0.2)),
+                                                     "beta": _f32(a.get("beta", 0.5))}),
+    "LeakyRelu": _unary("leaky_relu", lambda a: {"alpha": _f32(a.get("alpha", 0.01))}),
     "Gelu": _unary("gelu", lambda a: {"approximate": _str_attr(a, "approximate", "none")}),
     "Clip": _clip,
     "Add": _binary("add"), "Sub": _binary("sub"), "Mul": _binary("mul"), "Div": _binary("div"),

@@ -78,20 +78,28 @@ def _batch_norm(b: _Builder, n: Node, v: list) -> relax.Expr:
 
 
 def _clip(b: _Builder, n: Node, v: list) -> relax.Expr:
-    lo = -3.4e38 if n.attrs["min"] is None else n.attrs["min"]
-    hi = 3.4e38 if n.attrs["max"] is None else n.attrs["max"]
-    return relax.op.clip(v[0], relax.prim_value(float(lo)), relax.prim_value(float(hi)))
+    """min(max(x, lo), hi) with scalar constants: layout-agnostic broadcasting ops, so ConvertLayout
+    keeps NHWC through them (``relax.clip`` has no layout rule and would be wrapped in transposes)."""
+    y = v[0]
+    if n.attrs["min"] is not None:
+        y = b.bb.emit(relax.op.maximum(y, b.scalar(n.attrs["min"], n.inputs[0])))
+    if n.attrs["max"] is not None:
+        y = relax.op.minimum(y, b.scalar(n.attrs["max"], n.inputs[0]))
+    return y
+
+
+def _bounded(b: _Builder, x: relax.Expr, lo: float, hi: float, like: str) -> relax.Expr:
+    return relax.op.minimum(b.bb.emit(relax.op.maximum(x, b.scalar(lo, like))), b.scalar(hi, like))
 
 
 def _hardsigmoid(b: _Builder, n: Node, v: list) -> relax.Expr:
     x = relax.op.add(relax.op.multiply(v[0], b.scalar(n.attrs["alpha"], n.inputs[0])),
                      b.scalar(n.attrs["beta"], n.inputs[0]))
-    return relax.op.clip(b.bb.emit(x), relax.prim_value(0.0), relax.prim_value(1.0))
+    return _bounded(b, b.bb.emit(x), 0.0, 1.0, n.inputs[0])
 
 
 def _hardswish(b: _Builder, n: Node, v: list) -> relax.Expr:
-    hs = b.bb.emit(relax.op.clip(relax.op.add(v[0], b.scalar(3.0, n.inputs[0])),
-                                 relax.prim_value(0.0), relax.prim_value(6.0)))
+    hs = b.bb.emit(_bounded(b, b.bb.emit(relax.op.add(v[0], b.scalar(3.0, n.inputs[0]))), 0.0, 6.0, n.inputs[0]))
     return relax.op.multiply(v[0], relax.op.multiply(hs, b.scalar(1.0 / 6.0, n.inputs[0])))
 
 

@@ -207,5 +207,58 @@ class Elementwise(dl.ScheduleRule):
         return sch
 
 
+class DenseRowMajor(dl.ScheduleRule):
+    """``y[i, j] = sum_k x[i, k] * w[k, j]`` for small ``i`` (dense layers at batch 1..8).
+
+    ``linear`` weights are folded to (in, out) by FoldConstant, so each k step reads a contiguous
+    run of outputs: tiles of ``nvec`` vectors over j stay in registers while k streams the weight
+    rows once (the layer is memory-bound); tiles of j go to threads; the bias epilogue is fused
+    into the write-back.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        mms = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if _block_name(sch, b).startswith("matmul")]
+        if len(mms) != 1:
+            return None
+        mm = mms[0]
+        loops = sch.get_loops(mm)
+        iters = sch.get(mm).iter_vars
+        if len(loops) != 3 or [iv.iter_type for iv in iters] != [tirx.IterVar.DataPar, tirx.IterVar.DataPar,
+                                                                  tirx.IterVar.CommReduce]:
+            return None
+        i, j, k = loops
+        if _int(sch.get(i).extent) > 8:
+            return None
+        N = _int(sch.get(j).extent)
+        lanes = vector_lanes(target)
+        vec = _largest_divisor(N, [lanes, lanes // 2, lanes // 4])
+        nvec = _largest_divisor(N // vec, [4, 3, 2, 1])
+        j_o, j_m, j_v = sch.split(j, [None, nvec, vec])
+        sch.reorder(i, j_o, k, j_m, j_v)
+        epilogue = _spatial_consumers_chain(sch, mm)
+        for blk in epilogue[:-1]:
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # noqa: BLE001
+                pass
+        local = sch.cache_write(mm, 0, "local")
+        sch.reverse_compute_at(local, j_o, preserve_unit_loops=True)
+        if epilogue:
+            try:
+                sch.reverse_compute_inline(sch.get_consumers(local)[0])
+            except Exception:  # noqa: BLE001
+                pass
+        sch.parallel(sch.fuse(i, j_o))
+        sch.unroll(j_m)
+        sch.vectorize(j_v)
+        _vectorize_last(sch, local, vec)
+        init = sch.decompose_reduction(mm, k)
+        _vectorize_last(sch, init, vec)
+        return sch
+
+
 def default_rules() -> list[dl.ScheduleRule]:
-    return [Conv2dNHWC(), dl.cpu.GEMV(), dl.cpu.Reduction(), Elementwise()]
+    return [Conv2dNHWC(), DenseRowMajor(), dl.cpu.GEMV(), dl.cpu.Reduction(), Elementwise()]
