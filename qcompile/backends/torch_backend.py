@@ -1,18 +1,35 @@
 """The reference interpreter (IR -> ``torch.nn.Module``) and the ``torch`` backend.
 
-:class:`GraphModule` executes IR nodes in order with ``torch.nn.functional``;
-its semantics are the IR's reference semantics (ONNX-compatible: asymmetric
-pads, ``ceil_mode`` pooling, ``count_include_pad``).  Floating constants become
-``nn.Parameter`` so a compressed graph is directly trainable (fine-tuning);
-:func:`write_back` copies trained values back into a graph.
+:class:`GraphModule` executes IR nodes in graph order with ``torch.nn.functional``.
+Its semantics *are* the IR's reference semantics (:mod:`qcompile.ir.ops`), which
+follow ONNX where torch differs:
+
+* ``conv2d`` pads are (top, left, bottom, right); asymmetric pads are applied with
+  ``F.pad`` before an unpadded convolution;
+* pools: explicit pads may be asymmetric; ``max_pool2d`` pads with ``-inf``;
+  ``ceil_mode`` adds end padding up to the ONNX/torch output size (a last window
+  must start inside the input or the begin padding); ``avg_pool2d`` divides by the
+  number of window positions inside the input (``count_include_pad=0``) or inside
+  input + explicit pads (``=1``) -- positions added only by ``ceil_mode`` never count;
+* ``batch_norm`` is the inference formula y = scale * (x - mean) / sqrt(var + eps) + bias;
+* ``flatten`` is ONNX Flatten (2-D result), ``clip`` bounds may be ``None``.
+
+Floating constants become trainable ``nn.Parameter`` objects (other dtypes become
+buffers), so a compressed graph can be fine-tuned directly; :func:`write_back`
+copies the trained values into a clone of the graph.
+
+:class:`TorchBackend` (target ``torch``) runs graphs in memory with this
+interpreter; its artifact is ``model.onnx``, loaded back through the ONNX
+frontend and run with the same interpreter.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,20 +37,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile.backends.base import Backend, Runner
-from qcompile.errors import IRVerificationError, QCompileError
-from qcompile.ir.graph import Graph, Node
+from qcompile.errors import InputError, IRVerificationError, ShapeError, UnsupportedOpError
+from qcompile.ir.graph import Graph
+from qcompile.ir.ops import conv_out_size
 
 Impl = Callable[[list, dict], Any]
+"""An op implementation: (input tensors with absent optional inputs dropped, attrs) -> tensor."""
 
 
+# ============================================================================ op implementations
 def _pad_nchw(x: torch.Tensor, pads: Sequence[int], value: float = 0.0) -> torch.Tensor:
+    """Pad H and W of an NCHW tensor by (top, left, bottom, right) with ``value``."""
     t, l, b, r = pads
     if t == l == b == r == 0:
         return x
     return F.pad(x, (l, r, t, b), value=value)
 
 
-def _conv2d(v, a):
+def _conv2d(v: list, a: dict) -> torch.Tensor:
+    """2-D cross-correlation; symmetric pads go to ``F.conv2d``, asymmetric ones through ``F.pad``."""
     x, w = v[0], v[1]
     b = v[2] if len(v) > 2 else None
     t, l, bo, r = a["pads"]
@@ -43,69 +65,90 @@ def _conv2d(v, a):
 
 
 def _ceil_extra(size: int, k: int, s: int, pb: int, pe: int, d: int) -> int:
-    """Extra end padding that turns ONNX ceil_mode output size into floor-mode arithmetic."""
-    from qcompile.ir.ops import conv_out_size
-
+    """End padding that makes floor-mode pooling produce the ceil_mode output size."""
     out = conv_out_size(size, k, s, pb, pe, d, True)
-    needed = (out - 1) * s + d * (k - 1) + 1 - (size + pb + pe)
-    return max(0, needed)
+    return max(0, (out - 1) * s + d * (k - 1) + 1 - (size + pb + pe))
 
 
-def _pool_pads(x, a) -> tuple[int, int, int, int, int, int]:
+def _pool_pads(x: torch.Tensor, a: dict) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """((top, left, bottom, right) explicit pads, (bottom, right) extra pads from ceil_mode)."""
     t, l, b, r = a["pads"]
     k, s = a["kernel"], a["strides"]
     d = a.get("dilations", (1, 1))
-    eb = er = 0
-    if a["ceil_mode"]:
-        eb = _ceil_extra(x.shape[2], k[0], s[0], t, b, d[0])
-        er = _ceil_extra(x.shape[3], k[1], s[1], l, r, d[1])
-    return t, l, b, r, eb, er
+    if not a["ceil_mode"]:
+        return (t, l, b, r), (0, 0)
+    return (t, l, b, r), (_ceil_extra(x.shape[2], k[0], s[0], t, b, d[0]),
+                          _ceil_extra(x.shape[3], k[1], s[1], l, r, d[1]))
 
 
-def _max_pool2d(v, a):
-    x = v[0]
-    t, l, b, r, eb, er = _pool_pads(x, a)
-    xp = _pad_nchw(x, (t, l, b + eb, r + er), value=-math.inf)
+def _max_pool2d(v: list, a: dict) -> torch.Tensor:
+    """Max over each (dilated) window; padding (explicit and ceil_mode) never wins: it is -inf."""
+    (t, l, b, r), (eb, er) = _pool_pads(v[0], a)
+    xp = _pad_nchw(v[0], (t, l, b + eb, r + er), value=-math.inf)
     return F.max_pool2d(xp, a["kernel"], a["strides"], 0, a["dilations"])
 
 
-def _avg_pool2d(v, a):
-    """ONNX average pool: the divisor counts real elements (count_include_pad=0) or real + pad
-    elements (=1); positions added only by ceil_mode never count."""
+def _avg_pool2d(v: list, a: dict) -> torch.Tensor:
+    """ONNX AveragePool: window sum / number of counted positions.
+
+    Counted positions are the real elements (``count_include_pad=0``) or real elements
+    plus explicit padding (``=1``); positions added only by ``ceil_mode`` never count.
+    """
     x = v[0]
-    t, l, b, r, eb, er = _pool_pads(x, a)
-    k, s = a["kernel"], a["strides"]
-    summed = F.avg_pool2d(_pad_nchw(x, (t, l, b + eb, r + er)), k, s, 0) * (k[0] * k[1])
+    (t, l, b, r), (eb, er) = _pool_pads(x, a)
+    k, s = tuple(a["kernel"]), tuple(a["strides"])
+    explicit = (t, l, b, r) != (0, 0, 0, 0)
+    if eb == er == 0 and (not explicit or a["count_include_pad"]):
+        return F.avg_pool2d(_pad_nchw(x, (t, l, b, r)), k, s, 0)  # every window is full: plain mean
+    summed = F.avg_pool2d(_pad_nchw(x, (t, l, b + eb, r + er)), k, s, 0, divisor_override=1)
     ones = torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
     if a["count_include_pad"]:
-        ones = _pad_nchw(ones, (t, l, b, r), value=1.0)
-        ones = _pad_nchw(ones, (0, 0, eb, er))
+        ones = _pad_nchw(_pad_nchw(ones, (t, l, b, r), value=1.0), (0, 0, eb, er))
     else:
         ones = _pad_nchw(ones, (t, l, b + eb, r + er))
-    count = F.avg_pool2d(ones, k, s, 0) * (k[0] * k[1])
+    count = F.avg_pool2d(ones, k, s, 0, divisor_override=1)
     return summed / count
 
 
-def _batch_norm(v, a):
+def _batch_norm(v: list, a: dict) -> torch.Tensor:
+    """y = scale * (x - mean) / sqrt(var + epsilon) + bias, parameters broadcast over axis 1."""
     x, scale, bias, mean, var = v
     shape = (1, -1) + (1,) * (x.dim() - 2)
     inv = scale / torch.sqrt(var + a["epsilon"])
     return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
 
 
-def _flatten(x: torch.Tensor, axis: int) -> torch.Tensor:
+def _flatten(v: list, a: dict) -> torch.Tensor:
     """ONNX Flatten: (prod(shape[:axis]), prod(shape[axis:]))."""
-    axis = axis + x.dim() if axis < 0 else axis
+    x = v[0]
+    axis = a["axis"] + x.dim() if a["axis"] < 0 else a["axis"]
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
-def _clip(v, a):
+def _clip(v: list, a: dict) -> torch.Tensor:
+    """min(max(x, min), max); a ``None`` bound is absent."""
+    if a["min"] is None and a["max"] is None:
+        return v[0]
     return torch.clamp(v[0], a["min"], a["max"])
+
+
+def _hardsigmoid(v: list, a: dict) -> torch.Tensor:
+    """max(0, min(1, alpha * x + beta))."""
+    return torch.clamp(a["alpha"] * v[0] + a["beta"], 0.0, 1.0)
+
+
+def _linear(v: list, a: dict) -> torch.Tensor:
+    """y = x @ w^T + b with w (out, in)."""
+    return F.linear(v[0], v[1], v[2] if len(v) > 2 else None)
+
+
+def _reduce_mean(v: list, a: dict) -> torch.Tensor:
+    return v[0].mean(dim=tuple(a["axes"]), keepdim=bool(a["keepdims"]))
 
 
 IMPLS: dict[str, Impl] = {
     "conv2d": _conv2d,
-    "linear": lambda v, a: F.linear(v[0], v[1], v[2] if len(v) > 2 else None),
+    "linear": _linear,
     "matmul": lambda v, a: torch.matmul(v[0], v[1]),
     "batch_norm": _batch_norm,
     "relu": lambda v, a: F.relu(v[0]),
@@ -114,41 +157,40 @@ IMPLS: dict[str, Impl] = {
     "exp": lambda v, a: torch.exp(v[0]),
     "sqrt": lambda v, a: torch.sqrt(v[0]),
     "erf": lambda v, a: torch.erf(v[0]),
-    "neg": lambda v, a: -v[0],
+    "neg": lambda v, a: torch.neg(v[0]),
     "abs": lambda v, a: torch.abs(v[0]),
     "reciprocal": lambda v, a: torch.reciprocal(v[0]),
     "identity": lambda v, a: v[0],
     "hardswish": lambda v, a: F.hardswish(v[0]),
     "silu": lambda v, a: F.silu(v[0]),
-    "hardsigmoid": lambda v, a: torch.clamp(a["alpha"] * v[0] + a["beta"], 0.0, 1.0),
+    "hardsigmoid": _hardsigmoid,
     "clip": _clip,
     "leaky_relu": lambda v, a: F.leaky_relu(v[0], a["alpha"]),
     "gelu": lambda v, a: F.gelu(v[0], approximate=a["approximate"]),
-    "add": lambda v, a: v[0] + v[1],
-    "sub": lambda v, a: v[0] - v[1],
-    "mul": lambda v, a: v[0] * v[1],
-    "div": lambda v, a: v[0] / v[1],
+    "add": lambda v, a: torch.add(v[0], v[1]),
+    "sub": lambda v, a: torch.sub(v[0], v[1]),
+    "mul": lambda v, a: torch.mul(v[0], v[1]),
+    "div": lambda v, a: torch.div(v[0], v[1]),
     "pow": lambda v, a: torch.pow(v[0], v[1]),
     "max": lambda v, a: torch.maximum(v[0], v[1]),
     "min": lambda v, a: torch.minimum(v[0], v[1]),
     "max_pool2d": _max_pool2d,
     "avg_pool2d": _avg_pool2d,
     "global_avg_pool": lambda v, a: v[0].mean(dim=(2, 3), keepdim=True),
-    "reduce_mean": lambda v, a: v[0].mean(dim=tuple(a["axes"]), keepdim=bool(a["keepdims"])),
+    "reduce_mean": _reduce_mean,
     "concat": lambda v, a: torch.cat(v, dim=a["axis"]),
     "reshape": lambda v, a: v[0].reshape(tuple(a["shape"])),
-    "flatten": lambda v, a: _flatten(v[0], a["axis"]),
+    "flatten": _flatten,
     "transpose": lambda v, a: v[0].permute(*a["perm"]),
     "softmax": lambda v, a: torch.softmax(v[0], dim=a["axis"]),
 }
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "uint8": torch.uint8,
-                 "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+"""IR op -> torch implementation.  Covers every op of :mod:`qcompile.ir.ops` (tested)."""
 
 
-def _param_name(const: str, taken: set[str]) -> str:
-    """A module attribute name for an IR constant: always prefixed, so user tensor names such as
-    'half', 'to' or 'train' cannot collide with ``nn.Module`` attributes."""
+# ============================================================================ the module
+def _attr_name(const: str, taken: set[str]) -> str:
+    """A valid, unused ``nn.Module`` attribute name for IR constant ``const``: always prefixed, so
+    user tensor names such as 'half', 'to' or 'train' cannot collide with ``nn.Module`` attributes."""
     base = "c_" + (re.sub(r"[^A-Za-z0-9_]", "_", const) or "const")
     name, i = base, 0
     while name in taken:
@@ -159,33 +201,42 @@ def _param_name(const: str, taken: set[str]) -> str:
 
 
 class GraphModule(nn.Module):
-    """Executes an IR graph. ``param_names`` maps IR constant name -> attribute name."""
+    """Executes an IR graph with torch ops (reference semantics: module docstring).
+
+    Floating constants are ``nn.Parameter`` (``requires_grad=trainable``), other
+    constants are buffers; both live under sanitized attribute names.
+    ``param_names`` maps IR constant name -> attribute name; :meth:`constant` looks
+    a constant up by its IR name.  The module runs a snapshot (clone) of the graph.  ``forward(*inputs)`` takes the graph inputs in
+    order and returns one tensor for a single output, else a tuple in graph order.
+    """
 
     def __init__(self, graph: Graph, trainable: bool = True):
         super().__init__()
         for n in graph.nodes:
             if n.op not in IMPLS:
-                raise IRVerificationError(f"torch backend has no implementation of op '{n.op}' (node '{n.name}')")
-        self.graph = graph
+                raise UnsupportedOpError(n.op, n.name, "the torch reference interpreter has no implementation "
+                                                       "of this op (qcompile bug: every IR op needs one)")
+        self.graph = graph.clone()  # a snapshot: later edits of ``graph`` do not change this module
         self.param_names: dict[str, str] = {}
         taken: set[str] = set()
         for cname, arr in graph.constants.items():
-            attr = _param_name(cname, taken)
+            attr = _attr_name(cname, taken)
             self.param_names[cname] = attr
-            tensor = torch.from_numpy(np.array(arr))
+            tensor = torch.from_numpy(np.array(arr, copy=True))
             if arr.dtype.kind == "f":
                 self.register_parameter(attr, nn.Parameter(tensor, requires_grad=trainable))
             else:
                 self.register_buffer(attr, tensor)
-        self._plan = [(IMPLS[n.op], n) for n in graph.nodes]
+        self._plan = [(IMPLS[n.op], n) for n in self.graph.nodes]
 
     def constant(self, name: str) -> torch.Tensor:
+        """The parameter or buffer holding IR constant ``name``."""
         return getattr(self, self.param_names[name])
 
     def forward(self, *inputs: torch.Tensor):
         g = self.graph
         if len(inputs) != len(g.inputs):
-            raise QCompileError(f"graph '{g.name}' takes {len(g.inputs)} inputs, got {len(inputs)}")
+            raise InputError(f"graph '{g.name}' takes {len(g.inputs)} inputs {g.inputs}, got {len(inputs)}")
         env: dict[str, torch.Tensor] = dict(zip(g.inputs, inputs))
         for cname in g.constants:
             env[cname] = self.constant(cname)
@@ -200,58 +251,123 @@ class GraphModule(nn.Module):
 
 
 def to_torch(graph: Graph, trainable: bool = True) -> GraphModule:
+    """``graph`` as a :class:`GraphModule`; floating constants are trainable if ``trainable``."""
     return GraphModule(graph, trainable)
 
 
 def write_back(graph: Graph, module: GraphModule) -> Graph:
-    """A clone of ``graph`` whose constants hold ``module``'s current parameter values."""
+    """A clone of ``graph`` whose constants hold ``module``'s current parameter/buffer values.
+
+    Names, shapes and dtypes are kept (values are cast back to the constant's dtype);
+    new arrays are read-only.  Raises :class:`IRVerificationError` if the module lacks a
+    constant of ``graph`` or a parameter's shape changed.
+    """
     g = graph.clone()
-    for cname, attr in module.param_names.items():
-        if cname not in g.constants:
-            continue
-        value = getattr(module, attr).detach().cpu().numpy()
-        if value.shape != g.constants[cname].shape:
-            raise IRVerificationError(f"parameter '{cname}' changed shape {g.constants[cname].shape} -> {value.shape}")
-        arr = value.astype(g.constants[cname].dtype, copy=True)
+    for cname, old in graph.constants.items():
+        if cname not in module.param_names:
+            raise IRVerificationError(f"module has no parameter for constant '{cname}' of graph '{graph.name}'; "
+                                      "was it built from this graph?")
+        value = module.constant(cname).detach().cpu().numpy()
+        if value.shape != old.shape:
+            raise IRVerificationError(f"parameter for constant '{cname}' changed shape {old.shape} -> {value.shape}")
+        arr = np.array(value, dtype=old.dtype, copy=True)
         arr.flags.writeable = False
         g.constants[cname] = arr
     return g
 
 
+# ============================================================================ runner and backend
+@contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(num_threads)`` (if given), then restore."""
+    if not num_threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_threads(num_threads: Any) -> int | None:
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise InputError(f"torch backend option num_threads must be a positive integer, got {num_threads!r}")
+    return int(num_threads)
+
+
 class TorchRunner(Runner):
+    """Runs a graph with :class:`GraphModule` under ``torch.inference_mode()``, numpy in and out.
+
+    Inputs must have the graph's static shapes; a float input of another float dtype
+    (e.g. float64) is converted to the declared dtype, other dtype mismatches are errors.
+    """
+
     def __init__(self, graph: Graph, num_threads: int | None = None):
+        self.graph = graph
         self.module = GraphModule(graph, trainable=False).eval()
         self.input_names = list(graph.inputs)
         self.output_names = list(graph.outputs)
-        self.num_threads = num_threads
+        self.num_threads = _check_threads(num_threads)
+
+    def _tensor(self, name: str, value: Any) -> torch.Tensor:
+        want = self.graph.types[name]
+        arr = np.asarray(value)
+        if tuple(arr.shape) != want.shape:
+            raise ShapeError(f"input '{name}' has shape {tuple(arr.shape)}, the graph expects {want.shape}")
+        if arr.dtype != np.dtype(want.dtype):
+            if not (arr.dtype.kind == "f" and np.dtype(want.dtype).kind == "f"):
+                raise InputError(f"input '{name}' has dtype {arr.dtype}, the graph expects {want.dtype}")
+            arr = arr.astype(want.dtype)
+        return torch.from_numpy(np.ascontiguousarray(arr))
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names]
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise InputError(f"missing model input(s) {missing}; the model's inputs are {self.input_names}")
+        args = [self._tensor(n, inputs[n]) for n in self.input_names]
+        with torch_threads(self.num_threads), torch.inference_mode():
             out = self.module(*args)
         outs = out if isinstance(out, tuple) else (out,)
         return [o.numpy() for o in outs]
 
 
 class TorchBackend(Backend):
+    """PyTorch eager execution of the IR; artifact ``model.onnx`` (re-imported on load).
+
+    Threads: ``num_threads`` from the constructor, overridden by ``options["num_threads"]``
+    given to :meth:`build` (remembered by this instance) or by
+    ``manifest["options"]["num_threads"]`` given to :meth:`load`.
+    """
+
     name = "torch"
     description = "PyTorch eager execution of the IR (reference semantics); artifact model.onnx"
 
+    def __init__(self, num_threads: int | None = None):
+        self.num_threads = _check_threads(num_threads)
+
     def build(self, graph: Graph, out_dir: Path, options: Mapping[str, Any] | None = None) -> list[str]:
+        """Write ``out_dir/model.onnx``; return ``["model.onnx"]``."""
         from qcompile.frontends.onnx_export import save_onnx
 
+        opts = dict(options or {})
+        if "num_threads" in opts:
+            self.num_threads = _check_threads(opts["num_threads"])
         save_onnx(graph, Path(out_dir) / "model.onnx")
         return ["model.onnx"]
 
     def load(self, out_dir: Path, manifest: Mapping[str, Any]) -> Runner:
+        """Import ``out_dir/model.onnx`` with the ONNX frontend and run it with :class:`GraphModule`."""
         from qcompile.frontends.onnx_frontend import load_onnx
 
-        return TorchRunner(load_onnx(Path(out_dir) / "model.onnx"))
+        threads = dict(manifest.get("options") or {}).get("num_threads", self.num_threads)
+        return TorchRunner(load_onnx(Path(out_dir) / "model.onnx"), threads)
 
     def runner(self, graph: Graph) -> Runner:
-        return TorchRunner(graph)
+        return TorchRunner(graph, self.num_threads)
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}

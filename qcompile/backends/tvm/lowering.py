@@ -50,7 +50,10 @@ def host_x86_target() -> CpuTarget:
     cpu = codegen.llvm_get_system_cpu()
     have = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
     feats = tuple(f for f in ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni") if f in have)
-    return CpuTarget("x86", {"kind": "llvm", "mcpu": cpu, "mtriple": "x86_64-linux-gnu"},
+    import os
+
+    return CpuTarget("x86", {"kind": "llvm", "mcpu": cpu, "mtriple": "x86_64-linux-gnu",
+                             "num-cores": len(os.sched_getaffinity(0))},
                      description=f"x86-64 host CPU ({cpu}: {', '.join(feats) or 'no AVX'})", features=feats)
 
 

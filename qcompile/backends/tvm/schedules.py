@@ -156,9 +156,15 @@ class Conv2dNHWC(dl.ScheduleRule):
         _vectorize_last(sch, local, vec)
         init = sch.decompose_reduction(conv, first_reduction)
         _vectorize_last(sch, init, vec)
+        depthwise = CI == 1
         for prod in sch.get_producers(conv):
             if _block_name(sch, prod).startswith("pad"):
-                _vectorize_inner(sch, prod, lanes)
+                if depthwise:
+                    # one input channel per output channel: a full padded copy of the input costs as
+                    # much memory traffic as the convolution itself; read through the bounds check
+                    sch.compute_inline(prod)
+                else:
+                    _vectorize_inner(sch, prod, lanes)
         return sch
 
 
@@ -179,32 +185,59 @@ def _has_root(sch: s_tir.Schedule) -> bool:
 
 
 class Elementwise(dl.ScheduleRule):
-    """Fallback for functions whose blocks are all spatial (injective ops, pooling windows)."""
+    """Fallback for injective functions and window reductions (pooling, means).
+
+    Producers are inlined into their consumers; every remaining spatial block gets
+    parallel outer loops and a vectorized innermost loop.  A reduction block whose
+    innermost *spatial* loop is the last output axis (NHWC channels) is reordered so
+    that axis is innermost — inside the window loops — and vectorized there.
+    """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         sch = s_tir.Schedule(func)
         if not _has_root(sch):
             return None
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
         lanes = vector_lanes(target)
-        # inline everything that can be inlined, then schedule what remains
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
         for b in blocks[:-1]:
             try:
                 sch.compute_inline(b)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a block that cannot be inlined keeps its own loops
                 pass
         for b in sch.get_child_blocks(sch.get_sblock("root")):
-            iters = sch.get(b).iter_vars
-            if any(iv.iter_type != tirx.IterVar.DataPar for iv in iters):
-                # a reduction (pooling window): parallelize its spatial loops only
-                loops = sch.get_loops(b)
-                spatial = [lp for lp, iv in zip(loops, iters) if iv.iter_type == tirx.IterVar.DataPar]
-                if len(spatial) == len(loops) - sum(1 for iv in iters if iv.iter_type != tirx.IterVar.DataPar) \
-                        and spatial and loops[:len(spatial)] == spatial:
-                    sch.parallel(sch.fuse(*spatial[:-1]) if len(spatial) > 1 else spatial[0])
-                continue
-            _vectorize_inner(sch, b, lanes)
+            kinds = [iv.iter_type for iv in sch.get(b).iter_vars]
+            if all(k == tirx.IterVar.DataPar for k in kinds):
+                _vectorize_inner(sch, b, lanes)
+            else:
+                _schedule_window_reduction(sch, b, kinds, lanes)
         return sch
+
+
+def _schedule_window_reduction(sch: s_tir.Schedule, block, kinds: list, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) != len(kinds):
+        return
+    spatial = [lp for lp, k in zip(loops, kinds) if k == tirx.IterVar.DataPar]
+    reduce = [lp for lp, k in zip(loops, kinds) if k != tirx.IterVar.DataPar]
+    if not spatial:
+        return
+    inner = spatial[-1]
+    vec = _largest_divisor(_int(sch.get(inner).extent), [lanes, lanes // 2, lanes // 4])
+    if vec > 1 and loops[:len(spatial)] == spatial:
+        c_o, c_i = sch.split(inner, [None, vec])
+        sch.reorder(*spatial[:-1], c_o, *reduce, c_i)
+        outer = spatial[:-1]
+        if outer:
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        sch.vectorize(c_i)
+        if reduce:
+            try:
+                init = sch.decompose_reduction(block, reduce[0])
+                _vectorize_last(sch, init, vec)
+            except Exception:  # noqa: BLE001 - a reduction without init block
+                pass
+    elif len(spatial) > 1 and loops[:len(spatial)] == spatial:
+        sch.parallel(sch.fuse(*spatial[:-1]))
 
 
 class DenseRowMajor(dl.ScheduleRule):
@@ -235,7 +268,7 @@ class DenseRowMajor(dl.ScheduleRule):
         N = _int(sch.get(j).extent)
         lanes = vector_lanes(target)
         vec = _largest_divisor(N, [lanes, lanes // 2, lanes // 4])
-        nvec = _largest_divisor(N // vec, [4, 3, 2, 1])
+        nvec = _largest_divisor(N // vec, [8, 5, 4, 3, 2, 1])
         j_o, j_m, j_v = sch.split(j, [None, nvec, vec])
         sch.reorder(i, j_o, k, j_m, j_v)
         epilogue = _spatial_consumers_chain(sch, mm)
