@@ -39,7 +39,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     opts = CompileOptions(input_shapes=parse_input_shapes(args.input_shape), calibration=args.calib,
                           num_calibration=args.num_calib, verify_each_pass=args.verify_each_pass,
                           max_rel_error=args.max_rel_error, force=args.force, instruments=instruments,
-                          repro_dir=Path(args.repro_dir) if args.repro_dir else None)
+                          repro_dir=Path(args.repro_dir) if args.repro_dir else None,
+                          backend_options={"tune_trials": args.tune_trials} if args.tune_trials else {})
     result = compile_model(args.model, args.pipeline, args.target, args.out, opts)
     if timing:
         print(timing.table(), file=sys.stderr)
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timing", action="store_true", help="print per-pass timing")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass to DIR/NNN_<pass>.txt")
     c.add_argument("--print-after-change", action="store_true", help="print the IR after each pass that changed it")
+    c.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="TVM targets: tune each kernel with N MetaSchedule trials (database in the cache folder; "
+                        "kernels tuned before are reused; a tuned schedule is kept only where it is faster)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     c.add_argument("--repro-dir", help="where a failing compile writes its reproducer (default: cache dir)")
     c.set_defaults(fn=_cmd_compile)

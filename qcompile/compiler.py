@@ -52,6 +52,7 @@ class CompileOptions:
     force: bool = False
     instruments: list = field(default_factory=list)
     repro_dir: Path | None = None
+    backend_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def _compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOp
     backend = tgt.backend
     reference = run_feeds(loaded.reference, loaded.calibration)
     with atomic_directory(out, force=opts.force) as tmp:
-        files = backend.build(graph, tmp)
+        files = backend.build(graph, tmp, opts.backend_options)
         runner = backend.load(tmp, {"files": files, "inputs": _io(graph, graph.inputs),
                                     "outputs": _io(graph, graph.outputs)})
         outputs = run_feeds(lambda feed: runner.run(feed), loaded.calibration)
@@ -144,7 +145,7 @@ def _compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOp
             "format": "qcompile-artifact/1",
             "source": graph_in.meta.get("source", {"spec": loaded.spec}),
             "pipeline": pm.text,
-            "target": tgt.as_dict(),
+            "target": {**tgt.as_dict(), "options": dict(opts.backend_options)},
             "backend": backend.name,
             "inputs": _io(graph, graph.inputs),
             "outputs": _io(graph, graph.outputs),

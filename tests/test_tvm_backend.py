@@ -159,3 +159,36 @@ def test_arm64_without_board_names_the_fix(tmp_path, capsys, monkeypatch):
     assert main(["compile", "qcompile.models.digits:digits_cnn", "-t", "tvm-arm64", "-o", str(tmp_path / "o")]) == 2
     assert "QCOMPILE_RPC" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_tuning_database_is_reused_by_a_second_compile(tmp_path, monkeypatch, capsys):
+    """MetaSchedule tuning (1 trial per kernel, to stay cheap) fills the database in the cache folder;
+    a second compile of the same layers finds every kernel there and does not tune again."""
+    from tvm.s_tir import meta_schedule as ms
+
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()).eval()
+    g = load_torch(model, (torch.zeros(1, 8, 8, 8),))
+    backend = TvmBackend("x86")
+    backend.build(g, tmp_path, {"tune_trials": 1})
+    first = capsys.readouterr().err
+    assert "0 already in the database" in first and "kernels x 1 trials" in first
+    db_dir = next((tmp_path / "cache" / "tuning").iterdir())
+    choices = json.loads((db_dir / "choices.json").read_text())
+    assert choices and all(c["use"] in ("tuned", "default") and c["default_s"] > 0 for c in choices.values())
+
+    def no_tuning(**kwargs):
+        raise AssertionError("the second compile must not tune")
+
+    monkeypatch.setattr(ms.tune, "tune_tasks", no_tuning)
+    out2 = tmp_path / "second"
+    out2.mkdir()
+    backend.build(g, out2, {"tune_trials": 1})
+    second = capsys.readouterr().err
+    n = len(choices)
+    assert f"{n} distinct kernels, {n} already in the database" in second
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 8)).astype(np.float32)
+    runner = backend.load(out2, {"inputs": g.inputs, "outputs": g.outputs})
+    ref = run_reference(g, [{g.inputs[0]: x}])
+    assert within_fp32_tolerance([runner.run({g.inputs[0]: x})[0][None]], ref, RTOL, ATOL_REL)

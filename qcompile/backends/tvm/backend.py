@@ -124,10 +124,14 @@ class TvmBackend(Backend):
         self.name = f"tvm-{target_name}"
         self.threads = threads
 
-    def compile(self, graph: Graph):
+    def compile(self, graph: Graph, tune_trials: int = 0):
+        """Executable for ``graph``; ``tune_trials > 0`` tunes kernels with MetaSchedule first (database in
+        the cache folder: layers tuned before cost nothing)."""
+        import sys
+
         from qcompile.backends.tvm.lowering import build
 
-        return build(graph, self.cpu)
+        return build(graph, self.cpu, tune_trials, log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
     def export(self, executable, path: Path) -> None:
         if self.cpu.cross_cc:
@@ -138,7 +142,8 @@ class TvmBackend(Backend):
             executable.export_library(str(path))
 
     def build(self, graph: Graph, out_dir: Path, options: Mapping[str, Any] | None = None) -> list[str]:
-        self.export(self.compile(graph), Path(out_dir) / ARTIFACT)
+        tune_trials = int((options or {}).get("tune_trials", 0))
+        self.export(self.compile(graph, tune_trials), Path(out_dir) / ARTIFACT)
         return [ARTIFACT]
 
     def _io(self, manifest: Mapping[str, Any]) -> tuple[list[str], list[str]]:

@@ -90,17 +90,28 @@ def schedule_passes() -> list:
     return [dl.ApplyDefaultSchedule(*default_rules())]
 
 
-def lower_to_tir(graph: Graph, target: CpuTarget) -> tvm.IRModule:
-    """Relax module with every PrimFunc scheduled for ``target`` (before VM lowering)."""
+def lower_to_tir(graph: Graph, target: CpuTarget, tune_trials: int = 0, log=print) -> tvm.IRModule:
+    """Relax module with every PrimFunc scheduled for ``target`` (before VM lowering).
+
+    With ``tune_trials > 0`` the kernels are first tuned with MetaSchedule. The database lives in
+    the cache folder and is reused across compiles, and a tuned schedule replaces the default rule
+    only where it measured faster (see tuning.py).
+    """
     mod = to_relax(graph)
     tgt = target.tvm_target()
     with tgt:
-        mod = tvm.ir.transform.Sequential(layout_passes() + legalize_passes() + schedule_passes())(mod)
+        mod = tvm.ir.transform.Sequential(layout_passes() + legalize_passes())(mod)
+    if tune_trials > 0:
+        from qcompile.backends.tvm.tuning import apply_choices, tune_and_choose
+
+        mod = apply_choices(mod, tune_and_choose(mod, target, tune_trials, log=log), target)
+    with tgt:
+        mod = tvm.ir.transform.Sequential(schedule_passes())(mod)
     return mod
 
 
-def build(graph: Graph, target: CpuTarget) -> tvm.runtime.Executable:
-    mod = lower_to_tir(graph, target)
+def build(graph: Graph, target: CpuTarget, tune_trials: int = 0, log=print) -> tvm.runtime.Executable:
+    mod = lower_to_tir(graph, target, tune_trials, log)
     tgt = target.tvm_target()
     finish = tvm.ir.transform.Sequential(cpu_generic.dataflow_lower_passes(tgt) + cpu_generic.finalize_passes(tgt))
     return tvm.compile(mod, tgt, relax_pipeline=finish)
