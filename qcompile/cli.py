@@ -40,7 +40,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                           num_calibration=args.num_calib, verify_each_pass=args.verify_each_pass,
                           max_rel_error=args.max_rel_error, force=args.force, instruments=instruments,
                           repro_dir=Path(args.repro_dir) if args.repro_dir else None,
-                          backend_options={"tune_trials": args.tune_trials} if args.tune_trials else {})
+                          backend_options={k: v for k, v in (("tune_trials", args.tune_trials),
+                                                             ("mcpu", args.mcpu)) if v})
     result = compile_model(args.model, args.pipeline, args.target, args.out, opts)
     if timing:
         print(timing.table(), file=sys.stderr)
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="TVM targets: tune each kernel with N MetaSchedule trials (database in the cache folder; "
                         "kernels tuned before are reused; a tuned schedule is kept only where it is faster)")
+    c.add_argument("--mcpu", help="tvm-x86: LLVM CPU name to generate code for (default: this machine's CPU)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     c.add_argument("--repro-dir", help="where a failing compile writes its reproducer (default: cache dir)")
     c.set_defaults(fn=_cmd_compile)

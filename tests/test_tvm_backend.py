@@ -192,3 +192,23 @@ def test_tuning_database_is_reused_by_a_second_compile(tmp_path, monkeypatch, ca
     runner = backend.load(out2, {"inputs": g.inputs, "outputs": g.outputs})
     ref = run_reference(g, [{g.inputs[0]: x}])
     assert within_fp32_tolerance([runner.run({g.inputs[0]: x})[0][None]], ref, RTOL, ATOL_REL)
+
+
+def test_explicit_mcpu(tmp_path, capsys, monkeypatch):
+    """--mcpu: a subset ISA compiles and is recorded; an unknown CPU or one this machine cannot run is refused."""
+    spec = "qcompile.models.digits:digits_cnn"
+    out = tmp_path / "v2"
+    assert main(["compile", spec, "-t", "tvm-x86", "--mcpu", "x86-64-v2", "-o", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"]["options"] == {"mcpu": "x86-64-v2"} and "x86-64-v2" in m["versions"]["tvm_target"]
+    assert main(["compile", spec, "-t", "tvm-x86", "--mcpu", "pentium9000", "-o", str(tmp_path / "bad")]) == 2
+    assert "does not know the x86 CPU 'pentium9000'" in capsys.readouterr().err
+    from qcompile.backends.tvm import lowering
+
+    real = lowering._x86_features
+    host = __import__("tvm").target.codegen.llvm_get_system_cpu()
+    monkeypatch.setattr(lowering, "_x86_features",
+                        lambda cpu: {"sse4.2", "avx", "avx2"} if cpu == host else real(cpu) | {"avx512f"})
+    assert main(["compile", spec, "-t", "tvm-x86", "--mcpu", "skylake-avx512", "-o", str(tmp_path / "no")]) == 2
+    assert "cannot run code for 'skylake-avx512'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "no").exists()

@@ -142,7 +142,12 @@ class TvmBackend(Backend):
             executable.export_library(str(path))
 
     def build(self, graph: Graph, out_dir: Path, options: Mapping[str, Any] | None = None) -> list[str]:
-        tune_trials = int((options or {}).get("tune_trials", 0))
+        options = options or {}
+        if options.get("mcpu"):
+            from qcompile.backends.tvm.lowering import resolve
+
+            self.cpu = resolve(self.name.removeprefix("tvm-"), options["mcpu"])
+        tune_trials = int(options.get("tune_trials", 0))
         self.export(self.compile(graph, tune_trials), Path(out_dir) / ARTIFACT)
         return [ARTIFACT]
 

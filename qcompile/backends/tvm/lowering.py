@@ -43,18 +43,41 @@ class CpuTarget:
         return self.cross_cc is not None
 
 
-def host_x86_target() -> CpuTarget:
-    """The machine we run on: LLVM's name for the host CPU and its features (AVX-512/VNNI if present)."""
+def _x86_features(cpu: str) -> set[str]:
     from tvm.target import codegen
 
-    cpu = codegen.llvm_get_system_cpu()
-    have = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
-    feats = tuple(f for f in ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni") if f in have)
+    return set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+
+
+def host_x86_target(mcpu: str | None = None) -> CpuTarget:
+    """x86-64 code for this machine's CPU (LLVM's name for it), or for ``mcpu`` when given.
+
+    An explicit ``mcpu`` must be a CPU LLVM knows, and its ISA must run here (the artifact is
+    verified on this machine): asking for AVX-512 code on a host without it is refused up front
+    instead of dying with SIGILL.
+    """
     import os
+
+    from tvm.target import codegen
+
+    host = codegen.llvm_get_system_cpu()
+    cpu = mcpu or host
+    if mcpu:
+        if not codegen.llvm_is_valid_cpu(mcpu, "x86_64-linux-gnu"):
+            raise TargetError(f"LLVM does not know the x86 CPU '{mcpu}' (e.g. znver4, skylake-avx512, "
+                              f"x86-64-v3; this machine is '{host}')")
+        missing = sorted(f for f in _x86_features(mcpu) - _x86_features(host)
+                         if f.startswith(("avx", "fma", "sse", "amx", "bmi")))
+        if missing:
+            raise TargetError(f"this machine ('{host}') cannot run code for '{mcpu}': it lacks "
+                              f"{', '.join(missing[:6])}; compile on (or for) a CPU that has them")
+    have = _x86_features(cpu)
+    feats = tuple(f for f in ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni") if f in have)
 
     return CpuTarget("x86", {"kind": "llvm", "mcpu": cpu, "mtriple": "x86_64-linux-gnu",
                              "num-cores": len(os.sched_getaffinity(0))},
-                     description=f"x86-64 host CPU ({cpu}: {', '.join(feats) or 'no AVX'})", features=feats)
+                     description=f"x86-64 {'host ' if cpu == host else ''}CPU ({cpu}: "
+                                 f"{', '.join(feats) or 'no AVX'})", features=feats)
 
 
 def arm64_target(dotprod: bool = False) -> CpuTarget:
@@ -66,9 +89,11 @@ def arm64_target(dotprod: bool = False) -> CpuTarget:
                      features=tuple(a.lstrip("+") for a in mattr))
 
 
-def resolve(name: str) -> CpuTarget:
+def resolve(name: str, mcpu: str | None = None) -> CpuTarget:
     if name == "x86":
-        return host_x86_target()
+        return host_x86_target(mcpu)
+    if mcpu:
+        raise TargetError(f"--mcpu applies to the x86 target, not '{name}'")
     if name == "arm64":
         return arm64_target(False)
     if name == "arm64-dotprod":
