@@ -84,6 +84,24 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, parallel: bool = Tr
         sch.parallel(loops[0])
 
 
+def register_tile(channel_vectors: int, width: int) -> tuple[int, int]:
+    """(vectors of output channels, output pixels) accumulated in registers by the conv micro-kernel.
+
+    32 vector registers (AVX-512) hold up to ~28 accumulators beside the broadcast and weight
+    registers.  Measured on the seed models (profile_kernels): wide rows (W > 14) run best with
+    8 pixels x 2 vectors; narrow late layers (W <= 14: 7x7, 14x14 with many channels) with
+    7 pixels x 4 vectors (fewer passes over the input per weight block); a channel count that is an
+    odd number of vectors gets more pixels instead.
+    """
+    if width <= 14:
+        nvec = _largest_divisor(channel_vectors, [4, 3, 2, 1])
+        pixels = (7, 6, 5, 4, 3, 2) if nvec >= 3 else (14, 8, 7, 6, 5, 4, 3, 2)
+    else:
+        nvec = _largest_divisor(channel_vectors, [2, 1])
+        pixels = (8, 7, 6, 5, 4, 3, 2) if nvec == 2 else (14, 12, 8, 7, 6, 5, 4, 3, 2)
+    return nvec, _largest_divisor(width, list(pixels))
+
+
 WEIGHT_BLOCK_BYTES = 128 * 1024
 """Weights touched by one (output-channel tile, input-channel block) stay below this (L2-resident)."""
 ACC_BLOCK_BYTES = 32 * 1024
@@ -118,10 +136,9 @@ class Conv2dNHWC(dl.ScheduleRule):
         KK = _int(sch.get(kh).extent) * _int(sch.get(kw).extent)
         vec = _largest_divisor(CO, [lanes, lanes // 2, lanes // 4])
         co_o, co_i = sch.split(co, [None, vec])
-        nvec = _largest_divisor(CO // vec, [2, 1])
+        nvec, tile_w = register_tile(CO // vec, W)
         co_oo, co_m = sch.split(co_o, [None, nvec])
         tile_c = vec * nvec
-        tile_w = _largest_divisor(W, [8, 7, 6, 5, 4, 3, 2])
         w_o, w_i = sch.split(w, [None, tile_w])
         ci_block = CI
         if KK * CI * tile_c * 4 > WEIGHT_BLOCK_BYTES:
