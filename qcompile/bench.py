@@ -92,7 +92,7 @@ def _int8_qdq_model(onnx_bytes: bytes, calibration: Sequence[Mapping[str, np.nda
 
 
 def make_runners(loaded: LoadedModel, graph, backends: Sequence[str], threads: int) -> dict[str, tuple]:
-    """backend -> (run_fn, outputs_fn, build_seconds, note) for one model variant."""
+    """backend -> (run_fn, build_seconds, note) for one model variant; run_fn runs calibration feed 0."""
     feed = loaded.calibration[0]
     out: dict[str, tuple] = {}
     for name in backends:
@@ -167,7 +167,6 @@ def bench_model(spec: str, backends: Sequence[str], variants: Mapping[str, str],
     for variant, pipeline in variants.items():
         graph = PassManager(parse_pipeline(pipeline)).run(loaded.graph)
         runners = make_runners(loaded, graph, backends, threads)
-        feed = loaded.calibration[0]
         errors = {}
         for name, (run, _, _) in runners.items():
             outs = run()
@@ -179,7 +178,6 @@ def bench_model(spec: str, backends: Sequence[str], variants: Mapping[str, str],
             med = float(np.median(timed[name]))
             rows.append(Row(spec.split(":")[-1], variant, name, med * 1e3, [t * 1e3 for t in timed[name]],
                             med / ref_med if ref_med else None, errors[name], build_s, note))
-        del feed
     return rows
 
 
