@@ -11,7 +11,6 @@ never stores them in the repository.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from qcompile import cache as _cache
+from qcompile.artifact import sha256_file
 from qcompile.errors import ModelLoadError
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
@@ -41,17 +41,9 @@ class RegistryUnavailable(ModelLoadError):
     """The package registry could not be reached (or refused) to fetch a model wheel."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _complete(folder: Path) -> bool:
     """All models present in ``folder`` with the recorded checksums."""
-    return all((folder / f).is_file() and _sha256(folder / f) == digest for f, digest in RAPIDOCR_MODELS.items())
+    return all((folder / f).is_file() and sha256_file(folder / f) == digest for f, digest in RAPIDOCR_MODELS.items())
 
 
 def _download_wheel(into: Path) -> Path:
@@ -76,7 +68,7 @@ def _extract(wheel: Path, staging: Path) -> None:
             for f, digest in RAPIDOCR_MODELS.items():
                 with zf.open(f"{RAPIDOCR_WHEEL_DIR}/{f}") as src, open(staging / f, "wb") as out:
                     shutil.copyfileobj(src, out)
-                actual = _sha256(staging / f)
+                actual = sha256_file(staging / f)
                 if actual != digest:
                     raise ModelLoadError(f"{f} from {RAPIDOCR} has sha256 {actual}, expected {digest}; "
                                          "refusing to use it")

@@ -65,6 +65,29 @@ def _spatial_consumers_chain(sch: s_tir.Schedule, block) -> list:
         cur = cons[0]
 
 
+def _accumulate_tile(sch: s_tir.Schedule, block, anchor):
+    """Accumulate ``block`` (a reduction) in a ``local`` tile written back under loop ``anchor``.
+
+    The fused elementwise epilogue after ``block`` (bias, residual add, activation) is inlined
+    into its last stage, and that stage into the write-back, so it is applied while the tile is
+    stored.  Returns the write-back block.
+    """
+    epilogue = _spatial_consumers_chain(sch, block)
+    for blk in epilogue[:-1]:
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001 - a stage that cannot be inlined stays separate
+            pass
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, anchor, preserve_unit_loops=True)
+    if epilogue:
+        try:
+            sch.reverse_compute_inline(sch.get_consumers(local)[0])
+        except Exception:  # noqa: BLE001 - the write-back then stays a plain copy
+            pass
+    return local
+
+
 def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) -> None:
     """Fuse a spatial block's loops, split off ``lanes`` and vectorize them; parallelize the rest."""
     loops = sch.get_loops(block)
@@ -144,12 +167,6 @@ class Conv2dNHWC(dl.ScheduleRule):
         if KK * CI * tile_c * 4 > WEIGHT_BLOCK_BYTES:
             ci_block = _largest_divisor(CI, [c for c in (256, 128, 64, 32, 16) if KK * c * tile_c * 4
                                              <= WEIGHT_BLOCK_BYTES] or [16])
-        epilogue = _spatial_consumers_chain(sch, conv)
-        for blk in epilogue[:-1]:
-            try:
-                sch.compute_inline(blk)
-            except Exception:  # noqa: BLE001 - a stage that cannot be inlined stays separate
-                pass
         if ci_block < CI:
             rows = _largest_divisor(H, [r for r in range(H, 0, -1) if r * W * tile_c * 4 <= ACC_BLOCK_BYTES] or [1])
             h_o, h_i = sch.split(h, [None, rows])
@@ -159,13 +176,7 @@ class Conv2dNHWC(dl.ScheduleRule):
         else:
             sch.reorder(co_oo, n, h, w_o, kh, kw, ci, w_i, co_m, co_i)
             anchor, outer, first_reduction = w_o, (co_oo, n, h), kh
-        local = sch.cache_write(conv, 0, "local")
-        sch.reverse_compute_at(local, anchor, preserve_unit_loops=True)
-        if epilogue:
-            try:
-                sch.reverse_compute_inline(sch.get_consumers(local)[0])
-            except Exception:  # noqa: BLE001
-                pass
+        local = _accumulate_tile(sch, conv, anchor)
         sch.parallel(sch.fuse(*outer))
         sch.vectorize(co_i)
         sch.unroll(co_m)
@@ -288,19 +299,7 @@ class DenseRowMajor(dl.ScheduleRule):
         nvec = _largest_divisor(N // vec, [8, 5, 4, 3, 2, 1])
         j_o, j_m, j_v = sch.split(j, [None, nvec, vec])
         sch.reorder(i, j_o, k, j_m, j_v)
-        epilogue = _spatial_consumers_chain(sch, mm)
-        for blk in epilogue[:-1]:
-            try:
-                sch.compute_inline(blk)
-            except Exception:  # noqa: BLE001
-                pass
-        local = sch.cache_write(mm, 0, "local")
-        sch.reverse_compute_at(local, j_o, preserve_unit_loops=True)
-        if epilogue:
-            try:
-                sch.reverse_compute_inline(sch.get_consumers(local)[0])
-            except Exception:  # noqa: BLE001
-                pass
+        local = _accumulate_tile(sch, mm, j_o)
         sch.parallel(sch.fuse(i, j_o))
         sch.unroll(j_m)
         sch.vectorize(j_v)
