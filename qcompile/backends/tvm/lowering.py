@@ -112,7 +112,17 @@ def legalize_passes() -> list:
 
 
 def schedule_passes() -> list:
-    return [dl.ApplyDefaultSchedule(*default_rules())]
+    """Default schedules, then weight repacking folded into the constants.
+
+    Constant weights are marked layout-free, so a rule may repack them (see
+    ``schedules._pack_weights``); the repack is split out of the kernel and evaluated at
+    compile time by FoldConstant, leaving only the packed constant in the artifact.
+    """
+    return [relax.transform.AttachAttrLayoutFreeBuffers(),
+            dl.ApplyDefaultSchedule(*default_rules()),
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination()]
 
 
 def lower_to_tir(graph: Graph, target: CpuTarget, tune_trials: int = 0, log=print) -> tvm.IRModule:

@@ -120,8 +120,8 @@ def register_tile(channel_vectors: int, width: int) -> tuple[int, int]:
         nvec = _largest_divisor(channel_vectors, [4, 3, 2, 1])
         pixels = (7, 6, 5, 4, 3, 2) if nvec >= 3 else (14, 8, 7, 6, 5, 4, 3, 2)
     else:
-        nvec = _largest_divisor(channel_vectors, [2, 1])
-        pixels = (8, 7, 6, 5, 4, 3, 2) if nvec == 2 else (14, 12, 8, 7, 6, 5, 4, 3, 2)
+        nvec = _largest_divisor(channel_vectors, [2, 3, 1])
+        pixels = (8, 7, 6, 5, 4, 3, 2) if nvec >= 2 else (14, 12, 8, 7, 6, 5, 4, 3, 2)
     return nvec, _largest_divisor(width, list(pixels))
 
 
@@ -134,14 +134,26 @@ ACC_BLOCK_BYTES = 32 * 1024
 class Conv2dNHWC(dl.ScheduleRule):
     """Register-blocked direct convolution for ``conv2d_nhwc`` blocks (see module docstring).
 
-    Loop nest (``T`` = tile_w pixels, ``V`` = vector lanes, 2V output channels per tile)::
+    ``T`` = tile_w pixels, ``V`` = vector lanes, ``C`` = nvec*V output channels per register tile
+    (both from :func:`register_tile`).  The weight is repacked at compile time to
+    ``[CO/C][CI/B][kh][kw][B][C]`` (:func:`_pack_weights`) so each tile streams it contiguously.
+    One of three loop orders, by weight size ``kh*kw*CI*C*4`` bytes against WEIGHT_BLOCK_BYTES:
 
-        parallel co_tile, n, h_o:              # threads
-          [ci_o:]                              # only when kh*kw*CI*2V*4 B > WEIGHT_BLOCK_BYTES
-            h_i, w_o, kh, kw, ci_i:            # reduction over an L2-resident weight block
-              unroll T, unroll 2, vector V:    # T x 2V accumulators in registers
-                acc[...] += x[...] * w[...]
+    * weights of a channel tile too big for L2 -> input channels blocked by ``B``::
+
+        parallel co_tile, n, row_block:
+          ci_block:                            # L2-resident weight block
+            rows, w_o, kh, kw, ci_i:
+              unroll T, unroll nvec, vector V: acc[...] += x[...] * w[...]
           write-back + fused epilogue (bias, residual add, activation), vectorized
+
+    * all weights of the layer fit in L2 (1x1 expansions, depthwise, thin layers): channel tiles
+      innermost, so every output pixel is finished and written once, contiguously::
+
+        parallel n, h, w_o:
+          co_tile: kh, kw, ci: unroll T, unroll nvec, vector V: acc += x * w ; write-back
+
+    * otherwise ``parallel co_tile, n, h: w_o: kh, kw, ci: (register tile); write-back``.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
@@ -173,9 +185,16 @@ class Conv2dNHWC(dl.ScheduleRule):
             ci_o, ci_i = sch.split(ci, [None, ci_block])
             sch.reorder(co_oo, n, h_o, ci_o, h_i, w_o, kh, kw, ci_i, w_i, co_m, co_i)
             anchor, outer, first_reduction = h_o, (co_oo, n, h_o), ci_o
+        elif KK * CI * CO * 4 <= WEIGHT_BLOCK_BYTES and CO > tile_c:
+            # all weights fit in L2 (thin layers, 1x1 expansions): every pixel tile is finished for all
+            # output channels before moving on, so each output row is written once, contiguously,
+            # and the input tile is reused from L1 across channel tiles
+            sch.reorder(n, h, w_o, co_oo, kh, kw, ci, w_i, co_m, co_i)
+            anchor, outer, first_reduction = co_oo, (n, h, w_o), kh
         else:
             sch.reorder(co_oo, n, h, w_o, kh, kw, ci, w_i, co_m, co_i)
             anchor, outer, first_reduction = w_o, (co_oo, n, h), kh
+        _pack_weights(sch, conv, tile_c, ci_block)
         local = _accumulate_tile(sch, conv, anchor)
         sch.parallel(sch.fuse(*outer))
         sch.vectorize(co_i)
@@ -187,13 +206,40 @@ class Conv2dNHWC(dl.ScheduleRule):
         depthwise = CI == 1
         for prod in sch.get_producers(conv):
             if _block_name(sch, prod).startswith("pad"):
-                if depthwise:
-                    # one input channel per output channel: a full padded copy of the input costs as
-                    # much memory traffic as the convolution itself; read through the bounds check
+                if depthwise or KK == 1:
+                    # depthwise (one input channel per output channel) or 1x1: a full padded copy of the
+                    # input costs as much memory traffic as the convolution itself; read through the
+                    # bounds check (none at all for an unpadded 1x1)
                     sch.compute_inline(prod)
                 else:
                     _vectorize_inner(sch, prod, lanes)
         return sch
+
+
+
+
+def _pack_weights(sch: s_tir.Schedule, conv, tile_c: int, ci_block: int) -> bool:
+    """Repack a constant HWIO weight so the micro-kernel streams it contiguously.
+
+    ``w[kh, kw, ci, co]`` becomes ``w'[co // T, ci // B, kh, kw, ci % B, co % T]`` (``T`` output
+    channels per register tile, ``B`` input channels per L2 block): every (co tile, ci block) is one
+    contiguous run read in loop order.  The repack block is marked as a layout-rewrite pre-process, so
+    Relax's SplitLayoutRewritePreproc moves it out of the kernel and FoldConstant applies it to the
+    weights at compile time.  Only weights Relax marked layout-free (constants) are repacked.
+    """
+    func = sch.mod["main"]
+    free = {int(i) for i in (func.attrs.get("layout_free_buffers", []) if func.attrs else [])}
+    reads = sch.get(conv).reads
+    if len(reads) < 2:
+        return False
+    wbuf = reads[1].source
+    if not any(i < len(func.params) and func.params[i].same_as(wbuf) for i in free):
+        return False
+    cached = sch.cache_read(conv, 1, "global")
+    sch.transform_layout(conv, ("read", 1), lambda kh, kw, ci, co: (
+        co // tile_c, ci // ci_block, kh, kw, ci % ci_block, co % tile_c))
+    sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
+    return True
 
 
 def _vectorize_last(sch: s_tir.Schedule, block, vec: int) -> None:
