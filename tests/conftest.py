@@ -11,3 +11,27 @@ def rapidocr_models():
         return fetch_rapidocr_models()
     except RegistryUnavailable as e:
         pytest.skip(f"PyPI registry unreachable, third-party model not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def arm_board():
+    """The emulated aarch64 board (qemu-user + TVM RPC server), built into the cache on first use."""
+    import os
+
+    from qcompile import board
+    from qcompile.errors import TargetError
+
+    try:
+        b = board.serve("arm64")
+    except TargetError as e:
+        if "download" in str(e) or "apt-get update" in str(e) or "pip" in str(e):
+            pytest.skip(f"package registries unreachable, cannot build the emulated board: {e}")
+        raise
+    old = os.environ.get("QCOMPILE_RPC")
+    os.environ["QCOMPILE_RPC"] = b.address
+    yield b
+    b.stop()
+    if old is None:
+        os.environ.pop("QCOMPILE_RPC", None)
+    else:
+        os.environ["QCOMPILE_RPC"] = old

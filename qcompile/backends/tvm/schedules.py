@@ -125,7 +125,7 @@ def register_tile(channel_vectors: int, width: int) -> tuple[int, int]:
     return nvec, _largest_divisor(width, list(pixels))
 
 
-WEIGHT_BLOCK_BYTES = 128 * 1024
+WEIGHT_BLOCK_BYTES = 256 * 1024
 """Weights touched by one (output-channel tile, input-channel block) stay below this (L2-resident)."""
 ACC_BLOCK_BYTES = 32 * 1024
 """Partial sums of one row block stay below this (L1-resident) when input channels are blocked."""
