@@ -7,7 +7,6 @@ models are held to a relative error max|y - y_ref| / max|y_ref| <= 1e-4.
 """
 
 import json
-import os
 import subprocess
 
 import numpy as np
@@ -20,10 +19,9 @@ from qcompile.backends.tvm.backend import TvmBackend
 from qcompile.cli import main
 from qcompile.frontends.torch_frontend import load_torch
 from qcompile.passes import PassManager, parse_pipeline
-from qcompile.passes.manager import max_rel_error, run_reference, within_fp32_tolerance
+from qcompile.passes.manager import run_reference, within_fp32_tolerance
 
 RTOL, ATOL_REL = 1e-4, 1e-5
-MODEL_REL = 1e-4
 
 
 class Layers(nn.Module):
