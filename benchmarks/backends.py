@@ -20,7 +20,7 @@ ZOO = ("resnet18", "vgg16", "googlenet", "densenet121", "mobilenet_v2")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=[*ZOO, "digits_cnn"])
+    ap.add_argument("--models", nargs="*", default=[*ZOO, "digits_cnn"], choices=[*ZOO, "digits_cnn"])
     ap.add_argument("--backends", default="torch,onnxruntime,onnxruntime-int8,tvm-x86")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--number", type=int, default=5)

@@ -220,17 +220,29 @@ def run_benchmark(specs: Sequence[str], backends: Sequence[str], variants: Mappi
                   reference: str = "onnxruntime") -> list[Row]:
     from rich.progress import Progress
 
+    from qcompile.frontends import check_model_spec
+
+    for spec in specs:  # a typo in the last model must not cost the whole run
+        check_model_spec(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     total = len(specs) * len(variants) * len(backends) * rounds
+
+    def save(complete: bool) -> None:
+        result = {"machine": machine(), "reference": reference, "rounds": rounds, "number": number,
+                  "threads": threads or len(os.sched_getaffinity(0)), "complete": complete,
+                  "rows": [asdict(r) for r in rows]}
+        tmp = out_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out_dir / "results.json")
+
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=total)
         for spec in specs:
             bar.update(task, description=f"benchmarking {spec.split(':')[-1]}")
             rows += bench_model(spec, backends, variants, rounds=rounds, number=number, threads=threads,
                                 reference=reference, progress=lambda: bar.advance(task))
-    result = {"machine": machine(), "reference": reference, "rounds": rounds, "number": number,
-              "threads": threads or len(os.sched_getaffinity(0)), "rows": [asdict(r) for r in rows]}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+            save(complete=False)  # partial results survive a later failure or an interrupt
+    save(complete=True)
     plot(rows, out_dir / "ratios.png", reference)
     return rows

@@ -20,3 +20,13 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
         assert r["rel_error"] < 1e-4  # every backend computed the same function before it was timed
     assert result["machine"]["cores"] >= 1 and result["reference"] == "onnxruntime"
     assert (out / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["complete"] is True
+
+
+def test_bench_rejects_a_bad_model_before_measuring_anything(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "qcompile.models.digits:digits_cnn", "qcompile.models.zoo:no_such_model",
+                 "-b", "onnxruntime", "--rounds", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_model" in err
+    assert not (out / "results.json").exists()

@@ -119,6 +119,16 @@ def load_calibration_file(path: str | Path) -> np.ndarray | dict[str, np.ndarray
     return data
 
 
+def check_model_spec(spec: str) -> None:
+    """Fail fast (ModelLoadError) when ``spec`` cannot name a model, without loading it:
+    an ONNX path that does not exist, or a ``module:factory`` that does not resolve."""
+    if spec.endswith(".onnx"):
+        if not Path(spec).is_file():
+            raise ModelLoadError(f"ONNX model '{spec}' does not exist")
+    else:
+        _resolve_factory(spec)
+
+
 def _resolve_factory(spec: str) -> Callable[..., Any]:
     mod_name, _, attr = spec.partition(":")
     try:
