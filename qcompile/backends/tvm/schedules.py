@@ -194,7 +194,10 @@ class Conv2dNHWC(dl.ScheduleRule):
         else:
             sch.reorder(co_oo, n, h, w_o, kh, kw, ci, w_i, co_m, co_i)
             anchor, outer, first_reduction = w_o, (co_oo, n, h), kh
-        _pack_weights(sch, conv, tile_c, ci_block)
+        # w[kh, kw, ci, co] -> w'[co // C, ci // B, kh, kw, ci % B, co % C]: one contiguous run per
+        # (channel tile, input-channel block), read in loop order
+        _pack_weights(sch, conv, lambda kh_, kw_, ci_, co_: (
+            co_ // tile_c, ci_ // ci_block, kh_, kw_, ci_ % ci_block, co_ % tile_c))
         local = _accumulate_tile(sch, conv, anchor)
         sch.parallel(sch.fuse(*outer))
         sch.vectorize(co_i)
@@ -218,26 +221,25 @@ class Conv2dNHWC(dl.ScheduleRule):
 
 
 
-def _pack_weights(sch: s_tir.Schedule, conv, tile_c: int, ci_block: int) -> bool:
-    """Repack a constant HWIO weight so the micro-kernel streams it contiguously.
+def _pack_weights(sch: s_tir.Schedule, block, index_map) -> bool:
+    """Repack the constant weight ``block`` reads second, by ``index_map``, at compile time.
 
-    ``w[kh, kw, ci, co]`` becomes ``w'[co // T, ci // B, kh, kw, ci % B, co % T]`` (``T`` output
-    channels per register tile, ``B`` input channels per L2 block): every (co tile, ci block) is one
-    contiguous run read in loop order.  The repack block is marked as a layout-rewrite pre-process, so
-    Relax's SplitLayoutRewritePreproc moves it out of the kernel and FoldConstant applies it to the
-    weights at compile time.  Only weights Relax marked layout-free (constants) are repacked.
+    Used so a micro-kernel streams its weights contiguously, in loop order (see the conv and dense
+    rules for the layouts).  The repack block is marked as a layout-rewrite pre-process, so Relax's
+    SplitLayoutRewritePreproc moves it out of the kernel and FoldConstant applies it to the weights
+    at compile time: the artifact holds only the packed constant.  Only weights Relax marked
+    layout-free (constants) are repacked; returns whether it happened.
     """
     func = sch.mod["main"]
     free = {int(i) for i in (func.attrs.get("layout_free_buffers", []) if func.attrs else [])}
-    reads = sch.get(conv).reads
+    reads = sch.get(block).reads
     if len(reads) < 2:
         return False
     wbuf = reads[1].source
     if not any(i < len(func.params) and func.params[i].same_as(wbuf) for i in free):
         return False
-    cached = sch.cache_read(conv, 1, "global")
-    sch.transform_layout(conv, ("read", 1), lambda kh, kw, ci, co: (
-        co // tile_c, ci // ci_block, kh, kw, ci % ci_block, co % tile_c))
+    cached = sch.cache_read(block, 1, "global")
+    sch.transform_layout(block, ("read", 1), index_map)
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
     return True
 
@@ -317,10 +319,10 @@ def _schedule_window_reduction(sch: s_tir.Schedule, block, kinds: list, lanes: i
 class DenseRowMajor(dl.ScheduleRule):
     """``y[i, j] = sum_k x[i, k] * w[k, j]`` for small ``i`` (dense layers at batch 1..8).
 
-    ``linear`` weights are folded to (in, out) by FoldConstant, so each k step reads a contiguous
-    run of outputs: tiles of ``nvec`` vectors over j stay in registers while k streams the weight
-    rows once (the layer is memory-bound); tiles of j go to threads; the bias epilogue is fused
-    into the write-back.
+    ``linear`` weights are folded to (in, out) by FoldConstant and repacked at compile time to
+    ``[N/T][K][T]`` so each tile of ``T`` = nvec vectors over j, accumulated in registers, streams
+    its weights once and contiguously (the layer is memory-bound); tiles of j go to threads; the
+    bias epilogue is fused into the write-back.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
@@ -345,6 +347,10 @@ class DenseRowMajor(dl.ScheduleRule):
         nvec = _largest_divisor(N // vec, [8, 5, 4, 3, 2, 1])
         j_o, j_m, j_v = sch.split(j, [None, nvec, vec])
         sch.reorder(i, j_o, k, j_m, j_v)
+        # w[k, j] -> w'[j // T, k, j % T]: each thread streams one contiguous run per tile (the layer
+        # is bandwidth-bound: 1 FMA per weight loaded)
+        tile = nvec * vec
+        _pack_weights(sch, mm, lambda k_, j_: (j_ // tile, k_, j_ % tile))
         local = _accumulate_tile(sch, mm, j_o)
         sch.parallel(sch.fuse(i, j_o))
         sch.unroll(j_m)
