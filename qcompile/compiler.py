@@ -9,7 +9,8 @@ Steps (each failure names its cause; ``OUT`` is only created at the end):
    backend and run it on the calibration feeds;
 4. compare against the original model: for a pipeline of exact passes the
    artifact must match within the fp32 tolerance, otherwise ``NumericsError``;
-   lossy pipelines record their error (and are bounded by ``max_rel_error``);
+   lossy pipelines record their error (and are bounded by ``max_rel_error``) and the artifact
+   must match the *compressed* IR (reference interpreter) within the fp32 tolerance;
 5. write ``manifest.json`` (inputs/outputs, pipeline, target, per-layer
    provenance, verification, sha256 of every file, tool versions) and rename
    the directory into place.
@@ -34,7 +35,7 @@ from qcompile.errors import InputError, NumericsError, QCompileError
 from qcompile.frontends import LoadedModel, load_model
 from qcompile.ir.costs import graph_costs, totals
 from qcompile.passes import PassContext, PassManager, parse_pipeline
-from qcompile.passes.manager import max_rel_error, run_feeds, within_fp32_tolerance
+from qcompile.passes.manager import max_rel_error, run_feeds, run_reference, within_fp32_tolerance
 from qcompile.targets import get_target
 
 FP32_RTOL = 1e-4
@@ -139,6 +140,17 @@ def _compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOp
                 f"artifact for target '{tgt.name}' differs from the original model beyond fp32 tolerance: "
                 f"max abs error {abs_err:.3g}, max relative error {rel:.3g} (rtol={FP32_RTOL}, "
                 f"atol={FP32_ATOL_REL}*max|ref|) on {len(loaded.calibration)} calibration feeds")
+        backend_rel = rel
+        if not exact:
+            # a lossy pipeline changes the function on purpose; the artifact must still compute exactly
+            # what the compressed IR computes (fp32), or the backend is wrong
+            compressed = run_reference(graph, loaded.calibration)
+            backend_rel = max_rel_error(outputs, compressed)
+            if not within_fp32_tolerance(outputs, compressed, FP32_RTOL, FP32_ATOL_REL):
+                raise NumericsError(
+                    f"artifact for target '{tgt.name}' differs from the compressed IR (reference interpreter) "
+                    f"beyond fp32 tolerance: max relative error {backend_rel:.3g} (rtol={FP32_RTOL}, "
+                    f"atol={FP32_ATOL_REL}*max|ref|) on {len(loaded.calibration)} calibration feeds")
         if opts.max_rel_error is not None and rel > opts.max_rel_error:
             raise NumericsError(f"artifact error {rel:.3g} exceeds --max-rel-error {opts.max_rel_error}")
         manifest = {
@@ -160,6 +172,7 @@ def _compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOp
                 "tolerance": {"rtol": FP32_RTOL, "atol_rel": FP32_ATOL_REL} if exact else
                 {"max_rel_error": opts.max_rel_error},
                 "within_fp32_tolerance": within,
+                "backend_vs_compressed_ir_rel_error": backend_rel,
             },
             "passes": [{k: v for k, v in r.as_dict().items() if k != "seconds"} for r in pm.records],
             "costs": {"before": totals(graph_costs(graph_in)), "after": totals(graph_costs(graph))},

@@ -1,0 +1,105 @@
+"""Which nodes a factorization pass rewrites, and how the rewrite is spliced in.
+
+A *target* is a ``conv2d`` / ``linear`` node with constant weights whose name matches the
+pass's ``layers`` pattern (fnmatch, ``|``-separated alternatives) and not ``exclude``.
+:func:`splice` replaces a target by a chain of new nodes; every new node records provenance
+(method, rank, the node it came from, MACs before and after).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from qcompile.ir.graph import Graph, Node
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p.strip()) for p in pattern.split("|") if p.strip())
+
+
+def node_macs(graph: Graph, node: Node) -> int:
+    from qcompile.ir import ops
+
+    schema = ops.get(node.op)
+    if schema.macs_fn is None:
+        return 0
+    ins = [graph.types[i] if i else None for i in node.inputs]
+    outs = [graph.types[o] for o in node.outputs]
+    return int(schema.macs_fn(ins, outs, node.attrs))
+
+
+def compute_macs(graph: Graph) -> int:
+    """MACs of every conv2d / linear / matmul node (what factorization budgets count)."""
+    return sum(node_macs(graph, n) for n in graph.nodes if n.op in ("conv2d", "linear", "matmul"))
+
+
+def targets(graph: Graph, ops: Sequence[str], layers: str, exclude: str) -> list[Node]:
+    out = []
+    for n in graph.nodes:
+        if n.op not in ops or not _matches(n.name, layers) or (exclude and _matches(n.name, exclude)):
+            continue
+        if not all(v in graph.constants for v in n.inputs[1:] if v):
+            continue
+        out.append(n)
+    return out
+
+
+def weight_and_bias(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None]:
+    w = graph.constants[node.inputs[1]].astype(np.float64)
+    b = graph.constants[node.inputs[2]].astype(np.float64) if len(node.inputs) > 2 and node.inputs[2] else None
+    return w, b
+
+
+@dataclass
+class Step:
+    """One node of a replacement chain: ``op`` applied to the previous value with these constants."""
+
+    op: str
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    attrs: Mapping[str, Any] | None = None
+    role: str = ""
+
+
+def splice(graph: Graph, node: Node, steps: Sequence[Step], provenance: Mapping[str, Any]) -> list[Node]:
+    """Replace ``node`` by ``steps`` applied in sequence to its input; returns the new nodes."""
+    x = node.inputs[0]
+    dtype = graph.constants[node.inputs[1]].dtype
+    new_nodes = []
+    for k, st in enumerate(steps):
+        w = graph.add_constant(f"{node.name}.{st.role or k}.weight", st.weight.astype(dtype))
+        ins = [x, w]
+        if st.bias is not None:
+            ins.append(graph.add_constant(f"{node.name}.{st.role or k}.bias", st.bias.astype(dtype)))
+        n = graph.make_node(st.op, ins, dict(st.attrs or {}), name=f"{node.name}.{st.role or k}")
+        n.meta.update({k2: v for k2, v in node.meta.items() if k2 != "provenance"})
+        n.meta["provenance"] = list(node.meta.get("provenance", []))
+        n.add_provenance(**dict(provenance), source=node.name, step=f"{k + 1}/{len(steps)}", role=st.role)
+        new_nodes.append(n)
+        x = n.outputs[0]
+    graph.replace_node(node, new_nodes, [x])
+    return new_nodes
+
+
+def capture(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], values: Sequence[str]) -> dict[str, np.ndarray]:
+    """The values named ``values`` computed by the reference interpreter on every feed,
+    concatenated along axis 0 (feeds are batches shaped like the graph inputs)."""
+    import torch
+
+    from qcompile.backends.torch_backend import to_torch
+
+    g = graph.clone()
+    g.outputs = list(values)
+    module = to_torch(g, trainable=False).eval()
+    got: dict[str, list[np.ndarray]] = {v: [] for v in values}
+    with torch.no_grad():
+        for feed in feeds:
+            outs = module(*[torch.from_numpy(np.asarray(feed[i])) for i in g.inputs])
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            for v, o in zip(values, outs):
+                got[v].append(o.numpy())
+    return {v: np.concatenate(a, axis=0) for v, a in got.items()}
