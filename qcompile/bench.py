@@ -27,12 +27,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from qcompile.frontends import LoadedModel, load_model
-from qcompile.passes import PassManager, parse_pipeline
+from qcompile.passes import PassContext, PassManager, parse_pipeline
 from qcompile.passes.manager import max_rel_error
 
 RunFn = Callable[[], object]
@@ -49,6 +49,7 @@ class Row:
     rel_error: float | None = None
     build_s: float | None = None
     note: str = ""
+    speedup: float | None = None  # vs the first variant on the same backend (same interleaved run)
 
 
 def machine() -> dict:
@@ -133,9 +134,10 @@ thread pools busy-wait for a while after a call; the pause lets them go idle so 
 measured does not share its cores with the previous one's spinning workers."""
 
 
-def interleaved(runs: Mapping[str, RunFn], rounds: int, number: int, warmup: int = 2,
-                progress: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Round-robin timing; returns backend -> per-round median seconds."""
+def interleaved(runs: Mapping[Any, RunFn], rounds: int, number: int, warmup: int = 2,
+                progress: Callable[[], None] | None = None) -> dict[Any, list[float]]:
+    """Round-robin timing (the starting point rotates every round); returns key -> per-round median
+    seconds."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -160,33 +162,46 @@ def interleaved(runs: Mapping[str, RunFn], rounds: int, number: int, warmup: int
 def bench_model(spec: str, backends: Sequence[str], variants: Mapping[str, str], *, rounds: int = 5,
                 number: int = 5, threads: int | None = None, reference: str = "onnxruntime",
                 progress=None) -> list[Row]:
+    """Time every (variant, backend) pair of one model, all interleaved in the same rounds.
+
+    ``variants`` maps a name to a pipeline; the first is the baseline of ``speedup`` (same backend).
+    ``rel_error`` is measured against the original model (lossy variants show their error here).
+    """
     threads = threads or len(os.sched_getaffinity(0))
     loaded = load_model(spec, num_calibration=8)
-    rows: list[Row] = []
     ref_outputs = loaded.reference(loaded.calibration[0])
+    runs, meta = {}, {}
     for variant, pipeline in variants.items():
-        graph = PassManager(parse_pipeline(pipeline)).run(loaded.graph)
-        runners = make_runners(loaded, graph, backends, threads)
-        errors = {}
-        for name, (run, _, _) in runners.items():
+        ctx = PassContext(calibration=loaded.calibration)
+        graph = PassManager(parse_pipeline(pipeline)).run(loaded.graph, ctx)
+        for name, (run, build_s, note) in make_runners(loaded, graph, backends, threads).items():
             outs = run()
             outs = outs if isinstance(outs, list) else [outs]
-            errors[name] = max_rel_error([np.asarray(o) for o in outs], ref_outputs)
-        timed = interleaved({n: r[0] for n, r in runners.items()}, rounds, number, progress=progress)
-        ref_med = float(np.median(timed[reference])) if reference in timed else None
-        for name, (run, build_s, note) in runners.items():
-            med = float(np.median(timed[name]))
-            rows.append(Row(spec.split(":")[-1], variant, name, med * 1e3, [t * 1e3 for t in timed[name]],
-                            med / ref_med if ref_med else None, errors[name], build_s, note))
+            err = max_rel_error([np.asarray(o) for o in outs], ref_outputs)
+            runs[(variant, name)] = run
+            meta[(variant, name)] = (build_s, note, err)
+    timed = interleaved(runs, rounds, number, progress=progress)
+    base = next(iter(variants))
+    rows: list[Row] = []
+    for (variant, name), per_round in timed.items():
+        med = float(np.median(per_round))
+        ref = timed.get((variant, reference))
+        first = timed.get((base, name))
+        build_s, note, err = meta[(variant, name)]
+        rows.append(Row(spec.split(":")[-1], variant, name, med * 1e3, [t * 1e3 for t in per_round],
+                        med / float(np.median(ref)) if ref else None, err, build_s, note,
+                        float(np.median(first)) / med if first and variant != base else None))
     return rows
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = f"{'model':<14} {'variant':<10} {'backend':<18} {'median ms':>10} {'x ref':>7} {'rel.err':>9} {'build s':>8}"
+    head = (f"{'model':<14} {'variant':<14} {'backend':<18} {'median ms':>10} {'x ref':>7} {'speedup':>8} "
+            f"{'rel.err':>9} {'build s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r.ratio_vs_ref:.2f}" if r.ratio_vs_ref is not None else "-"
-        lines.append(f"{r.model:<14} {r.variant:<10} {r.backend:<18} {r.median_ms:>10.2f} {ratio:>7} "
+        speed = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
+        lines.append(f"{r.model:<14} {r.variant:<14} {r.backend:<18} {r.median_ms:>10.2f} {ratio:>7} {speed:>8} "
                      f"{r.rel_error:>9.1e} {r.build_s:>8.1f}" + (f"  ({r.note})" if r.note else ""))
     return "\n".join(lines)
 

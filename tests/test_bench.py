@@ -30,3 +30,16 @@ def test_bench_rejects_a_bad_model_before_measuring_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no_such_model" in err
     assert not (out / "results.json").exists()
+
+
+def test_bench_variants_are_interleaved_and_report_speedup(tmp_path, capsys):
+    """A factorized variant (data-driven pass: needs the calibration feeds) next to the original."""
+    out = tmp_path / "bench"
+    assert main(["bench", "qcompile.models.digits:digits_cnn", "-b", "onnxruntime", "--rounds", "2",
+                 "--number", "2", "--variant", "cd=fold-bn,dead-code,channel-decomp{rank=8}",
+                 "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"original", "cd"}
+    assert rows["original"]["speedup"] is None and rows["cd"]["speedup"] > 0
+    assert rows["cd"]["rel_error"] > 1e-4  # lossy, and measured against the original model
+    assert "speedup" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qcompile.errors import PreconditionError
+from qcompile.errors import PipelineError, PreconditionError
 from qcompile.factorize import reconstruct as R
 from qcompile.factorize.layers import Step, capture, weight_and_bias
 from qcompile.passes.factorize_base import FactorizeOptions, FactorizePass
@@ -34,6 +34,9 @@ class ChannelDecompOptions(FactorizeOptions):
     asymmetric: bool = field(default=True, metadata={
         "doc": "inputs from the approximated network (False: from the original, i.e. symmetric)"})
     samples: int = field(default=4096, metadata={"doc": "response positions sampled per layer"})
+    fit: str = field(default="responses", metadata={
+        "doc": "'responses' (Zhang et al., needs calibration data) or 'weights' (plain SVD of the weight "
+               "matrix, data-free baseline)"})
 
 
 class ChannelDecomposition(FactorizePass):
@@ -49,6 +52,11 @@ class ChannelDecomposition(FactorizePass):
 
     # -- responses of the original network, sampled once ----------------------
     def prepare(self, graph, nodes, ctx):
+        if self.options.fit not in ("responses", "weights"):
+            raise PipelineError(f"pass '{self.name}': fit must be 'responses' or 'weights', got "
+                                f"'{self.options.fit}'")
+        if self.options.fit == "weights":
+            return
         if not ctx.calibration:
             raise PreconditionError(f"pass '{self.name}' fits layers to real responses and needs calibration "
                                     f"data: pass --calib FILE or use a model with calibration_data()")
@@ -73,6 +81,9 @@ class ChannelDecomposition(FactorizePass):
         return graph.types[node.inputs[1]].shape[0]
 
     def singular_values(self, graph, node, ctx):
+        if self.options.fit == "weights":
+            w, _ = weight_and_bias(graph, node)
+            return np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False)
         y = self._y[node.name]
         return np.linalg.svd(y - y.mean(axis=1, keepdims=True), compute_uv=False)
 
@@ -89,6 +100,8 @@ class ChannelDecomposition(FactorizePass):
         import torch
 
         w, b0 = weight_and_bias(graph, node)
+        if self.options.fit == "weights":
+            return self._weight_svd(node, w, b0, rank)
         if self.options.asymmetric:
             x_hat = capture(graph, self._feeds, [node.inputs[0]])[node.inputs[0]]
         else:
@@ -113,3 +126,15 @@ class ChannelDecomposition(FactorizePass):
                  Step("conv2d", rec.p[:, :, None, None], rec.b, role="expand")]
         return steps, {"nonlinear": nonlinear, "asymmetric": self.options.asymmetric,
                        "response_rel_error": round(err, 6)}
+
+    @staticmethod
+    def _weight_svd(node, w, b0, rank):
+        """Plain SVD of ``W (O, I k k) ~ U_d S_d V_d^T``: conv ``V_d^T`` then 1x1 ``U_d S_d`` (bias last)."""
+        o = w.shape[0]
+        u, s, vt = np.linalg.svd(w.reshape(o, -1), full_matrices=False)
+        w1 = vt[:rank].reshape((rank,) + w.shape[1:])
+        w2 = (u[:, :rank] * s[:rank])[:, :, None, None]
+        err = float(np.sqrt(np.sum(s[rank:] ** 2) / max(np.sum(s ** 2), 1e-30)))
+        a = node.attrs
+        return ([Step("conv2d", w1, None, {k: a[k] for k in ("strides", "pads", "dilations")}, role="reduced"),
+                 Step("conv2d", w2, b0, role="expand")], {"fit": "weights", "weight_rel_error": round(err, 6)})

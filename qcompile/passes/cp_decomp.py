@@ -14,6 +14,8 @@ usual cure.  Groups must be 1.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from qcompile.factorize.layers import Step, weight_and_bias
@@ -48,7 +50,9 @@ class CPDecomposition(FactorizePass):
         from tensorly.decomposition import parafac
 
         w, b = weight_and_bias(graph, node)
-        cp = parafac(w, rank=rank, init="svd", n_iter_max=300, tol=1e-9, random_state=0)
+        with warnings.catch_warnings():  # SVD init pads with random columns when rank > a mode's size
+            warnings.filterwarnings("ignore", message="Trying to compute SVD")
+            cp = parafac(w, rank=rank, init="svd", n_iter_max=300, tol=1e-9, random_state=0)
         lam = np.asarray(cp.weights)
         a, bb, c, d = (np.asarray(f) for f in cp.factors)
         approx = np.einsum("r,or,ir,hr,wr->oihw", lam, a, bb, c, d)
