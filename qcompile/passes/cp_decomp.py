@@ -55,7 +55,7 @@ class CPDecomposition(FactorizePass):
             cp = parafac(w, rank=rank, init="svd", n_iter_max=300, tol=1e-9, random_state=0)
         lam = np.asarray(cp.weights)
         a, bb, c, d = (np.asarray(f) for f in cp.factors)
-        approx = np.einsum("r,or,ir,hr,wr->oihw", lam, a, bb, c, d)
+        approx = np.einsum("r,or,ir,hr,wr->oihw", lam, a, bb, c, d, optimize=True)
         err = float(np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-30))
         (sh, sw), (pt, pl, pb, pr), (dh, dw) = node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"]
         kh, kw = w.shape[2:]
