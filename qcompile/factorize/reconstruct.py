@@ -45,8 +45,9 @@ def reduced_rank_regression(target: np.ndarray, y_hat: np.ndarray, d: int, ridge
     cov += ridge * (np.trace(cov) / len(cov) + 1e-12) * np.eye(len(cov))
     m_ols = np.linalg.solve(cov, yc @ tc.T).T  # (O, O)
     fitted = m_ols @ yc
-    u, _, _ = np.linalg.svd(fitted, full_matrices=False)
-    p = u[:, :d]
+    # left singular vectors of the fitted values = eigenvectors of their (O x O) Gram matrix
+    _, vecs = np.linalg.eigh(fitted @ fitted.T)
+    p = vecs[:, ::-1][:, :d]
     q = m_ols.T @ p  # M = p p^T m_ols = p q^T
     b = t_mean - p @ (q.T @ y_mean)
     return Reconstruction(p, q, b)
