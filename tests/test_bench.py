@@ -43,3 +43,29 @@ def test_bench_variants_are_interleaved_and_report_speedup(tmp_path, capsys):
     assert rows["original"]["speedup"] is None and rows["cd"]["speedup"] > 0
     assert rows["cd"]["rel_error"] > 1e-4  # lossy, and measured against the original model
     assert "speedup" in capsys.readouterr().out
+
+
+def test_per_layer_latency_table_pairs_each_layer_with_its_factor_chain():
+    from qcompile.bench import chain_graph, format_layer_table, layer_latency
+    from qcompile.frontends import load_model
+    from qcompile.passes import PassContext, PassManager, parse_pipeline
+    from qcompile.passes.manager import run_reference
+
+    lm = load_model("qcompile.models.digits:digits_cnn", num_calibration=4)
+    base = PassManager(parse_pipeline("fold-bn,dead-code")).run(lm.graph)
+    pm = PassManager(parse_pipeline("spatial-svd{rank=4}"))
+    g = pm.run(base, PassContext(calibration=lm.calibration))
+    layers = pm.records[-1].stats["layers"]
+    table = layer_latency(base, g, layers, ["onnxruntime"], rounds=1, number=2)
+    assert [e["layer"] for e in table] == list(layers)
+    for e in table:
+        assert e["macs_after"] < e["macs_before"] and e["onnxruntime"]["before_ms"] > 0
+    assert "speedup" in format_layer_table(table, ["onnxruntime"])
+    # a one-node chain computes exactly what that node computes inside the full graph
+    conv = base.node(next(iter(layers)))
+    sub = chain_graph(base, [conv])
+    from qcompile.factorize.layers import capture
+
+    x = capture(base, lm.calibration[:1], [conv.inputs[0], conv.outputs[0]])
+    out = run_reference(sub, [{conv.inputs[0]: x[conv.inputs[0]]}])[0][0]
+    assert abs(out - x[conv.outputs[0]]).max() <= 1e-5 * abs(x[conv.outputs[0]]).max()
