@@ -74,20 +74,20 @@ def accuracy(args) -> None:
     from qcompile.finetune import finetune
     from qcompile.frontends import load_model
     from qcompile.passes import PassContext, PassManager, parse_pipeline
-    from qcompile.passes.manager import run_reference
+    from qcompile.backends.torch_backend import to_torch
+    from qcompile.models.mnist_nets import evaluate
 
     split = load_mnist_split()
     (xtr, ytr), (xva, yva), (xte, yte) = split.train, split.val, split.test
 
     def acc(graph) -> float:
-        logits = np.concatenate(run_reference(graph, [{"image": xte[i:i + 200]} for i in range(0, len(xte), 200)])[0])
-        return float((logits.argmax(-1) == yte).mean() * 100)
+        return evaluate(to_torch(graph, trainable=False).eval(), xte, yte)
 
     results = []
     for model in args.models:
         lm = load_model(f"qcompile.models.mnist_nets:{model}")
         base = PassManager(parse_pipeline("fold-bn,dead-code")).run(lm.graph)
-        calib = [{"image": xtr[i:i + 64]} for i in range(0, 256, 64)]
+        calib = [{"image": xtr[i:i + 1]} for i in range(256)]  # real training digits
         a0 = acc(base)
         print(f"{model}: original {a0:.2f} %  conv/linear MACs {compute_macs(base):,}")
         for method in args.methods:

@@ -12,7 +12,9 @@ follow ONNX where torch differs:
   number of window positions inside the input (``count_include_pad=0``) or inside
   input + explicit pads (``=1``) -- positions added only by ``ceil_mode`` never count;
 * ``batch_norm`` is the inference formula y = scale * (x - mean) / sqrt(var + eps) + bias;
-* ``flatten`` is ONNX Flatten (2-D result), ``clip`` bounds may be ``None``.
+* ``flatten`` is ONNX Flatten (2-D result), ``clip`` bounds may be ``None``;
+* a module may run a larger batch than the graph's static one (fine-tuning, batched
+  evaluation): ``reshape`` targets that keep the batch axis leading follow the batch.
 
 Floating constants become trainable ``nn.Parameter`` objects (other dtypes become
 buffers), so a compressed graph can be fine-tuned directly; :func:`write_back`
@@ -137,6 +139,17 @@ def _hardsigmoid(v: list, a: dict) -> torch.Tensor:
     return torch.clamp(a["alpha"] * v[0] + a["beta"], 0.0, 1.0)
 
 
+def _reshape(x: torch.Tensor, shape) -> torch.Tensor:
+    """Static reshape; for a batch larger than the graph's (training, batched evaluation) a target
+    that keeps the batch axis leading is rescaled along that axis."""
+    shape = tuple(shape)
+    if x.numel() != math.prod(shape) and shape and x.shape[0] != shape[0] and shape[0] > 0:
+        rest = math.prod(shape[1:])
+        if rest and x.numel() == x.shape[0] * rest and x.numel() // x.shape[0] * shape[0] == math.prod(shape):
+            shape = (x.shape[0],) + shape[1:]
+    return x.reshape(shape)
+
+
 def _linear(v: list, a: dict) -> torch.Tensor:
     """y = x @ w^T + b with w (out, in)."""
     return F.linear(v[0], v[1], v[2] if len(v) > 2 else None)
@@ -179,7 +192,7 @@ IMPLS: dict[str, Impl] = {
     "global_avg_pool": lambda v, a: v[0].mean(dim=(2, 3), keepdim=True),
     "reduce_mean": _reduce_mean,
     "concat": lambda v, a: torch.cat(v, dim=a["axis"]),
-    "reshape": lambda v, a: v[0].reshape(tuple(a["shape"])),
+    "reshape": lambda v, a: _reshape(v[0], a["shape"]),
     "flatten": _flatten,
     "transpose": lambda v, a: v[0].permute(*a["perm"]),
     "softmax": lambda v, a: torch.softmax(v[0], dim=a["axis"]),

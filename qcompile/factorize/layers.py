@@ -85,9 +85,11 @@ def splice(graph: Graph, node: Node, steps: Sequence[Step], provenance: Mapping[
     return new_nodes
 
 
-def capture(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], values: Sequence[str]) -> dict[str, np.ndarray]:
+def capture(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], values: Sequence[str],
+            batch: int = 64) -> dict[str, np.ndarray]:
     """The values named ``values`` computed by the reference interpreter on every feed,
-    concatenated along axis 0 (feeds are batches shaped like the graph inputs)."""
+    concatenated along axis 0 (feeds are shaped like the graph inputs; up to ``batch`` feeds are
+    run as one batch along axis 0)."""
     import torch
 
     from qcompile.backends.torch_backend import to_torch
@@ -96,9 +98,11 @@ def capture(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], values: Seq
     g.outputs = list(values)
     module = to_torch(g, trainable=False).eval()
     got: dict[str, list[np.ndarray]] = {v: [] for v in values}
+    batches = [{i: np.concatenate([np.asarray(f[i]) for f in feeds[k:k + batch]]) for i in g.inputs}
+               for k in range(0, len(feeds), batch)]
     with torch.no_grad():
-        for feed in feeds:
-            outs = module(*[torch.from_numpy(np.asarray(feed[i])) for i in g.inputs])
+        for feed in batches:
+            outs = module(*[torch.from_numpy(feed[i]) for i in g.inputs])
             outs = outs if isinstance(outs, tuple) else (outs,)
             for v, o in zip(values, outs):
                 got[v].append(o.numpy())
