@@ -48,18 +48,24 @@ def _all_digits() -> Split:
     return x, y
 
 
-@lru_cache(maxsize=8)
-def _split_indices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row numbers of the train, val and test parts (stratified 60/20/20, fixed by ``seed``)."""
+def stratified_split(y: np.ndarray, holdout: float, test_of_holdout: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read-only row numbers (train, val, test): ``holdout`` of the rows are held out, and
+    ``test_of_holdout`` of those go to test; both cuts stratified by label, fixed by ``seed``."""
     from sklearn.model_selection import train_test_split
 
-    _, y = _all_digits()
     idx = np.arange(len(y))
-    tr, rest = train_test_split(idx, test_size=0.4, stratify=y, random_state=seed)
-    va, te = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=seed)
+    tr, rest = train_test_split(idx, test_size=holdout, stratify=y, random_state=seed)
+    va, te = train_test_split(rest, test_size=test_of_holdout, stratify=y[rest], random_state=seed)
     for a in (tr, va, te):
         a.flags.writeable = False
     return tr, va, te
+
+
+@lru_cache(maxsize=8)
+def _split_indices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row numbers of the train, val and test parts (stratified 60/20/20, fixed by ``seed``)."""
+    return stratified_split(_all_digits()[1], 0.4, 0.5, seed)
 
 
 def load_digits_split(seed: int = 0) -> DigitsSplit:

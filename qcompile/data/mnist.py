@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from qcompile.data.digits import DigitsSplit as DataSplit  # same (train, val, test, indices) record
-from qcompile.data.digits import Split
+from qcompile.data.digits import Split, stratified_split
 
 
 @lru_cache(maxsize=1)
@@ -30,15 +30,8 @@ def _all_mnist() -> Split:
 
 @lru_cache(maxsize=8)
 def _split_indices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    _, y = _all_mnist()
-    idx = np.arange(len(y))
-    tr, rest = train_test_split(idx, test_size=0.3, stratify=y, random_state=seed)
-    va, te = train_test_split(rest, test_size=2 / 3, stratify=y[rest], random_state=seed)
-    for a in (tr, va, te):
-        a.flags.writeable = False
-    return tr, va, te
+    """Row numbers of the train, val and test parts (stratified 70/10/20, fixed by ``seed``)."""
+    return stratified_split(_all_mnist()[1], 0.3, 2 / 3, seed)
 
 
 def load_mnist_split(seed: int = 0) -> DataSplit:
