@@ -190,3 +190,22 @@ def test_capture_returns_intermediate_values(digits):
     conv = next(n for n in g.nodes if n.op == "conv2d")
     got = capture(g, calib[:3], [conv.outputs[0]])
     assert got[conv.outputs[0]].shape == (3,) + g.types[conv.outputs[0]].shape[1:]
+
+
+def test_latency_budget_uses_measured_latency():
+    """latency=0.6: ranks chosen so the layers' measured (interpolated) latency fits 60 % of the original's."""
+    g = conv_graph(cin=64, cout=64, hw=28, linear=False)
+    pm = PassManager(parse_pipeline("spatial-svd{latency=0.6,probes=3}"))
+    out = pm.run(g, PassContext(calibration=feeds(g)))
+    stats = pm.records[-1].stats
+    measured = stats["measured_latency_s"]
+    assert "conv@-1" in measured and len(measured) == 4  # the original + 3 probed ranks, built alone
+    row = stats["layers"]["conv"]
+    assert row["latency_us_est"] * 1e-6 <= 0.6 * measured["conv@-1"] * 1.0001
+    assert row["macs_after"] < row["macs_before"] and compute_macs(out) == row["macs_after"]
+
+
+def test_impossible_latency_budget_is_refused():
+    g = conv_graph(cin=64, cout=64, hw=28, linear=False)
+    with pytest.raises(PipelineError, match="infeasible.*measured on onnxruntime"):
+        PassManager(parse_pipeline("spatial-svd{latency=0.001,probes=2}")).run(g, PassContext(calibration=feeds(g)))

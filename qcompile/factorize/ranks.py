@@ -75,17 +75,19 @@ def smallest_rank_for_energy(cands: Sequence[Candidate], energy: float) -> Candi
     return min(ok, key=lambda c: c.macs)
 
 
-def allocate(layers: Mapping[str, Sequence[Candidate]], budget: int, fixed_macs: int = 0) -> dict[str, Candidate]:
+def allocate(layers: Mapping[str, Sequence[Candidate]], budget: int, fixed_macs: int = 0,
+             unit: str = "MACs") -> dict[str, Candidate]:
     """Greedy PCA-energy allocation: one candidate per layer with total MACs ``<= budget``.
 
-    ``fixed_macs`` counts the layers this allocation does not touch.  Raises PipelineError naming
+    Costs are ``Candidate.macs`` (MACs, or measured nanoseconds for a latency budget, ``unit``
+    names them in errors); ``fixed_macs`` counts the layers this allocation does not touch.  Raises PipelineError naming
     the smallest achievable total when the budget is infeasible.
     """
     floor = fixed_macs + sum(min(c.macs for c in cs) for cs in layers.values())
     if floor > budget:
-        raise PipelineError(f"MAC budget {budget:,} is infeasible: even the smallest ranks give {floor:,} MACs "
-                            f"(ratio {floor / max(budget, 1):.2f}x the budget); allow more layers or a "
-                            f"larger budget")
+        raise PipelineError(f"budget of {budget:,} {unit} is infeasible: even the smallest ranks give {floor:,} "
+                            f"{unit} ({floor / max(budget, 1):.2f}x the budget); allow more layers or a larger "
+                            f"budget")
     order = {name: sorted(cs, key=lambda c: -c.macs) for name, cs in layers.items()}
     idx = {name: 0 for name in layers}
     total = fixed_macs + sum(cs[0].macs for cs in order.values())

@@ -92,6 +92,10 @@ class ChannelDecomposition(FactorizePass):
         n, _, ho, wo = graph.types[node.outputs[0]].shape
         return n * ho * wo * rank * (i * kh * kw + o)
 
+    def timing_steps(self, graph, node, rank, ctx):
+        w, b0 = weight_and_bias(graph, node)
+        return self._weight_svd(node, w, b0, rank)[0]  # same shapes as the fitted chain
+
     def _followed_by_relu(self, graph, node) -> bool:
         uses = graph.consumers().get(node.outputs[0], [])
         return len(uses) == 1 and uses[0].op == "relu" and node.outputs[0] not in graph.outputs

@@ -46,6 +46,27 @@ class CPDecomposition(FactorizePass):
         _, _, ho, wo = graph.types[node.outputs[0]].shape
         return n * rank * (h * w * i + ho * w * kh + ho * wo * kw + ho * wo * o)
 
+    def timing_steps(self, graph, node, rank, ctx):
+        """Random factors of the fitted chain's shapes (ALS per probed rank would cost minutes)."""
+        o, i, kh, kw = graph.types[node.inputs[1]].shape
+        rng = np.random.default_rng(0)
+        b = weight_and_bias(graph, node)[1]
+        return self._chain(node, rng.standard_normal((o, rank)), rng.standard_normal((i, rank)),
+                           rng.standard_normal((kh, rank)), rng.standard_normal((kw, rank)), b, rank)
+
+    @staticmethod
+    def _chain(node, a, bb, c, d, b, rank):
+        (sh, sw), (pt, pl, pb, pr), (dh, dw) = node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"]
+        kh, kw = c.shape[0], d.shape[0]
+        return [Step("conv2d", bb.T[:, :, None, None], None, role="cp_in"),
+                Step("conv2d", c.T.reshape(rank, 1, kh, 1), None,
+                     {"strides": (sh, 1), "pads": (pt, 0, pb, 0), "dilations": (dh, 1), "group": rank},
+                     role="cp_vertical"),
+                Step("conv2d", d.T.reshape(rank, 1, 1, kw), None,
+                     {"strides": (1, sw), "pads": (0, pl, 0, pr), "dilations": (1, dw), "group": rank},
+                     role="cp_horizontal"),
+                Step("conv2d", a[:, :, None, None], b, role="cp_out")]
+
     def factorize(self, graph, node, rank, ctx):
         from tensorly.decomposition import parafac
 
@@ -57,13 +78,4 @@ class CPDecomposition(FactorizePass):
         a, bb, c, d = (np.asarray(f) for f in cp.factors)
         approx = np.einsum("r,or,ir,hr,wr->oihw", lam, a, bb, c, d, optimize=True)
         err = float(np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-30))
-        (sh, sw), (pt, pl, pb, pr), (dh, dw) = node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"]
-        kh, kw = w.shape[2:]
-        return [Step("conv2d", bb.T[:, :, None, None], None, role="cp_in"),
-                Step("conv2d", c.T.reshape(rank, 1, kh, 1), None,
-                     {"strides": (sh, 1), "pads": (pt, 0, pb, 0), "dilations": (dh, 1), "group": rank},
-                     role="cp_vertical"),
-                Step("conv2d", d.T.reshape(rank, 1, 1, kw), None,
-                     {"strides": (1, sw), "pads": (0, pl, 0, pr), "dilations": (1, dw), "group": rank},
-                     role="cp_horizontal"),
-                Step("conv2d", (a * lam)[:, :, None, None], b, role="cp_out")], {"weight_rel_error": round(err, 6)}
+        return self._chain(node, a * lam, bb, c, d, b, rank), {"weight_rel_error": round(err, 6)}

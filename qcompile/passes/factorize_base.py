@@ -4,8 +4,10 @@
 Each pass says which nodes it can rewrite (:meth:`FactorizePass.why_not`), what each rank costs
 and keeps (:meth:`FactorizePass.candidates`) and how to build the factors
 (:meth:`FactorizePass.factorize`).  The driver picks the ranks — one fixed ``rank``, the
-smallest rank keeping ``energy`` per layer, or (default) a whole-model MAC budget ``macs``
-allocated across layers by retained energy (:func:`qcompile.factorize.ranks.allocate`) — and
+smallest rank keeping ``energy`` per layer, a budget of *measured* latency ``latency`` on a
+backend (each layer and a few of its ranks built alone and timed; see ``_latency_candidates``), or
+(default) a whole-model MAC budget ``macs`` — budgets allocated across layers by retained energy
+(:func:`qcompile.factorize.ranks.allocate`) — and
 splices the factor chains in, graph order, each new node carrying provenance (method, rank,
 MACs before/after, source node).
 """
@@ -33,6 +35,12 @@ class FactorizeOptions:
     layers: str = field(default="*", metadata={"doc": "node-name patterns to factorize (fnmatch, '|' separated)"})
     exclude: str = field(default="", metadata={"doc": "node-name patterns to leave alone"})
     multiple: int = field(default=8, metadata={"doc": "ranks are multiples of this (vectorizable channel counts)"})
+    latency: float = field(default=0.0, metadata={
+        "doc": "target ratio of the factorized layers' *measured* latency on `backend` after/before; replaces "
+               "the MAC budget (0 = off)"})
+    backend: str = field(default="onnxruntime", metadata={"doc": "where `latency` is measured (onnxruntime, "
+                                                                 "tvm-x86, ...)"})
+    probes: int = field(default=4, metadata={"doc": "ranks measured per layer for `latency` (others interpolated)"})
 
 
 class FactorizePass(Pass):
@@ -64,6 +72,11 @@ class FactorizePass(Pass):
     def fixed_rank(self, graph: Graph, node: Node, rank: int):
         return min(rank, self.full_rank(graph, node))
 
+    def timing_steps(self, graph: Graph, node: Node, rank, ctx: PassContext) -> list[L.Step]:
+        """A chain with the shapes ``factorize`` would produce at ``rank`` (values may differ: only
+        its latency is measured)."""
+        return self.factorize(graph, node, rank, ctx)[0]
+
     def prepare(self, graph: Graph, nodes: Sequence[Node], ctx: PassContext) -> None:
         """Called once before any rewrite (data-driven passes capture activations here)."""
 
@@ -74,7 +87,8 @@ class FactorizePass(Pass):
     # -- driver ----------------------------------------------------------------
     def call(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        if o.multiple < 1 or o.rank < 0 or not 0 <= o.energy <= 1 or o.macs < 0:
+        self.measured_latency = None
+        if o.multiple < 1 or o.rank < 0 or not 0 <= o.energy <= 1 or o.macs < 0 or o.latency < 0 or o.probes < 1:
             raise PipelineError(f"pass '{self.name}': invalid options {o}")
         skipped: dict[str, str] = {}
         nodes = []
@@ -97,7 +111,9 @@ class FactorizePass(Pass):
             steps, info = self.factorize(graph, n, cand.rank, ctx)
             orig = L.node_macs(graph, n)
             prov = {"pass": self.name, "method": self.method, "rank": cand.rank, "macs_before": orig,
-                    "macs_after": cand.macs, "energy": round(cand.energy, 6)}
+                    "macs_after": self.macs_of(graph, n, cand.rank), "energy": round(cand.energy, 6)}
+            if o.latency > 0:
+                prov["latency_us_est"] = round(cand.macs / 1e3, 3)  # the cost was measured latency (ns)
             prov.update(info)
             L.splice(graph, n, steps, prov)
             table[n.name] = {k: v for k, v in prov.items() if k != "pass"}
@@ -105,6 +121,8 @@ class FactorizePass(Pass):
         macs_after = L.compute_macs(graph)
         stats = {"layers": table, "skipped": skipped, "macs_before": macs_before, "macs_after": macs_after,
                  "mac_ratio": macs_after / max(macs_before, 1)}
+        if getattr(self, "measured_latency", None):
+            stats["measured_latency_s"] = self.measured_latency
         return PassResult(graph, bool(table), stats)
 
     def _choose(self, graph: Graph, nodes: list[Node], ctx: PassContext, skipped: dict) -> dict[str, Candidate]:
@@ -122,6 +140,50 @@ class FactorizePass(Pass):
         cands = {n.name: self.candidates(graph, n, ctx) for n in nodes}
         if o.energy > 0:
             return {name: smallest_rank_for_energy(cs, o.energy) for name, cs in cands.items()}
+        if o.latency > 0:
+            timed = self._latency_candidates(graph, nodes, cands, ctx)
+            total = sum(cs[0].macs for cs in timed.values())
+            return allocate(timed, int(o.latency * total), 0, unit=f"ns measured on {o.backend}")
         total = L.compute_macs(graph)
         fixed = total - sum(L.node_macs(graph, n) for n in nodes)
         return allocate(cands, int(o.macs * total), fixed)
+
+    def _latency_candidates(self, graph: Graph, nodes: list[Node], cands: dict, ctx: PassContext) -> dict:
+        """Candidates whose cost is measured latency (ns) on ``backend`` instead of MACs.
+
+        Per layer the original and ``probes`` ranks spread over the candidate list are built alone
+        and timed interleaved; the other ranks are interpolated by their position in the list.
+        Candidates not faster than the original, or slower than a candidate keeping more energy,
+        are dropped (they are dominated).
+        """
+        import numpy as np
+
+        from qcompile.bench import chain_graph
+        from qcompile.factorize.latency import measure
+
+        o = self.options
+        graphs, probe_idx = {}, {}
+        for n in nodes:
+            ranked = cands[n.name][1:]
+            graphs[(n.name, -1)] = chain_graph(graph, [n])
+            picks = sorted({int(i) for i in np.linspace(0, len(ranked) - 1, min(o.probes, len(ranked))).round()})
+            probe_idx[n.name] = picks
+            for i in picks:
+                scratch = graph.clone()
+                node = scratch.node(n.name)
+                made = L.splice(scratch, node, self.timing_steps(scratch, node, ranked[i].rank, ctx), {})
+                graphs[(n.name, i)] = chain_graph(scratch, made)
+        lat = measure(graphs, o.backend)
+        self.measured_latency = {f"{k[0]}@{k[1]}": v for k, v in lat.items()}
+        out = {}
+        for n in nodes:
+            ranked = cands[n.name][1:]
+            orig = lat[(n.name, -1)]
+            picks = probe_idx[n.name]
+            est = np.interp(np.arange(len(ranked)), picks, [lat[(n.name, i)] for i in picks]) if ranked else []
+            kept = [Candidate(None, int(orig * 1e9), 1.0)]
+            for c, t in sorted(zip(ranked, est), key=lambda ct: -ct[0].energy):
+                if t * 1e9 < kept[-1].macs:
+                    kept.append(Candidate(c.rank, int(t * 1e9), c.energy))
+            out[n.name] = kept
+        return out
