@@ -14,6 +14,7 @@ variance stay fixed: a gradient step could make a variance negative), batches in
 ``seed``.  Validation accuracy is measured before training (epoch 0: the input weights) and after
 every epoch; the best epoch's weights are kept (ties keep the earlier epoch) and training stops
 after ``patience`` epochs without improvement.  Without validation data the last epoch is kept.
+If the loss becomes NaN or infinite, training stops and the best earlier weights are kept.
 
 The graph is trained through the reference interpreter (``to_torch(graph, trainable=True)``), so any
 pass's output -- factor chains included -- is trainable as it stands.  The input graph is never
@@ -47,13 +48,16 @@ class FinetuneResult:
     beaten on validation.  ``history``: one dict per evaluated epoch, epoch 0 first, with ``epoch``,
     ``train_loss`` (mean loss over that epoch's batches; NaN for epoch 0) and ``val_acc`` (percent;
     NaN without validation data).  ``stopped_early``: training ended before ``epochs`` because of
-    ``patience``.
+    ``patience``.  ``diverged``: the loss became NaN or infinite (learning rate too high); that
+    epoch is recorded with ``train_loss`` inf and ``val_acc`` NaN, training stops, and the best
+    earlier weights are kept.
     """
 
     graph: Graph
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    diverged: bool = False
 
     @property
     def best_val_acc(self) -> float:
@@ -204,6 +208,7 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
     gen = torch.Generator().manual_seed(int(seed))
     best_acc = val_acc()
     best_state, best_epoch, stale, stopped_early = copy.deepcopy(student.state_dict()), 0, 0, False
+    diverged = False
     history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": best_acc}]
     steps = (len(x) + batch_size - 1) // batch_size
     bar = task = None
@@ -230,15 +235,19 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
                                                   nn.functional.log_softmax(t_logits[idx] / temperature, -1),
                                                   reduction="batchmean", log_target=True) * temperature ** 2
                         loss = (1 - kd_weight) * loss + kd_weight * kd
-                    if not torch.isfinite(loss):
-                        raise InputError(f"finetune: the loss became {loss.item()} at epoch {epoch}; lower lr "
-                                         f"(now {lr})")
+                    if not torch.isfinite(loss):  # diverged: these weights are lost, keep the best so far
+                        diverged = True
+                        break
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                     total += loss.item() * len(idx)
                     if bar is not None:
                         bar.advance(task)
+                if diverged:
+                    history.append({"epoch": epoch, "train_loss": float("inf"), "val_acc": float("nan")})
+                    stopped_early = epoch < epochs
+                    break
                 acc = val_acc()
                 history.append({"epoch": epoch, "train_loss": total / len(x), "val_acc": acc})
                 if bar is not None:
@@ -255,4 +264,4 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
         if bar is not None:
             bar.stop()
     student.load_state_dict(best_state)
-    return FinetuneResult(write_back(graph, student), best_epoch, history, stopped_early)
+    return FinetuneResult(write_back(graph, student), best_epoch, history, stopped_early, diverged)

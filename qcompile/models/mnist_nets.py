@@ -6,7 +6,7 @@ of compression passes: a VGG-style plain stack and a ResNet-style residual net.
 * ``ResNetStyle``: stem conv3x3-bn-relu 32; three stages of two ResNet basic blocks (the zoo's
   ``BasicBlock``: conv-bn-relu, conv-bn, + skip, relu) at 32, 64, 128 channels (28, 14, 7), the
   first block of stages 2 and 3 strided with a 1x1 projection; global average pool, linear 10.
-  80,505,344 conv MACs per image (15 3x3 convs: 79,702,528; two 1x1 projections: 802,816).
+  80,507,392 conv MACs per image (15 3x3 convs: 79,704,576; two 1x1 projections: 802,816).
 
 Both take ``image`` (B, 1, 28, 28) in [0, 1] and return 10 logits, and offer the compiler hooks
 ``example_inputs`` (a zero image), ``input_names`` (``["image"]``) and ``calibration_data()``
@@ -15,7 +15,7 @@ Both take ``image`` (B, 1, 28, 28) in [0, 1] and return 10 logits, and offer the
 Training (``train``): Adam (lr 2e-3, cosine decay per step), batch 64, 6 epochs over the 3,500
 training digits, seed 0 fixing initialisation and batch order, two intra-op threads and
 ``torch.use_deterministic_algorithms`` -- reproducible run to run on one machine.  The first call
-of a factory trains (VGG about 30 s, ResNet about 1.5 min on two idle cores) and caches the
+of a factory trains (VGG about 25 s, ResNet about 1 min on two idle cores) and caches the
 state dict as ``.npz`` (no pickle) under ``<cache>/models/mnist/<name>-<VERSION>-e6-s0.npz``
 with a ``.json`` note of the metrics beside it; later calls load it instantly.
 ``python -m qcompile.models.mnist_nets`` prints both models' accuracy (training them if needed).

@@ -1,0 +1,141 @@
+"""The two CNNs trained here on real MNIST (qcompile.models.mnist_nets).
+
+The first run trains both models (a couple of minutes on two cores) into the cache folder; the
+session fixture does it once and every later run loads the cached ``.npz`` weights instantly.
+"""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from qcompile.data.mnist import load_mnist_split
+from qcompile.errors import InputError, ShapeError
+from qcompile.models import mnist_nets as mn
+
+SPECS = {"vgg_style": "qcompile.models.mnist_nets:vgg_style",
+         "resnet_style": "qcompile.models.mnist_nets:resnet_style"}
+CONV_MACS = {"vgg_style": 29_127_168, "resnet_style": 80_507_392}  # counted by hand, see module docstring
+
+
+@pytest.fixture(scope="session")
+def models():
+    """Both trained models (trained into the cache on the very first run, loaded afterwards)."""
+    return {name: factory() for name, factory in mn.FACTORIES.items()}
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_mnist_split()
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_trained_models_reach_97_percent_on_held_out_digits(models, split, name):
+    model = models[name]
+    assert not model.training
+    acc = mn.evaluate(model, *split.test)
+    assert acc >= 97.0, (name, acc)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_load_model_imports_the_trained_model_into_the_ir(models, split, name):
+    from qcompile.backends.torch_backend import TorchRunner, to_torch
+    from qcompile.frontends import load_model
+    from qcompile.ir.costs import graph_costs
+
+    lm = load_model(SPECS[name])
+    g = lm.graph
+    assert g.inputs == ["image"] and g.types["image"].shape == (1, 1, 28, 28)
+    assert lm.calibration_source.endswith("(real samples)") and len(lm.calibration) == 16
+    # the IR computes what the torch model computes, and classifies as well
+    runner = TorchRunner(g)
+    for feed in lm.calibration[:4]:
+        (ref,) = lm.reference(feed)
+        (out,) = runner.run(feed)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    x = split.test[0][:200]
+    with torch.no_grad():
+        ir_logits = to_torch(g, trainable=False)(torch.from_numpy(x)).numpy()  # batch 200 through a batch-1 graph
+        ref_logits = models[name](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ir_logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert (ir_logits.argmax(-1) == ref_logits.argmax(-1)).all()
+    # MACs: the IR's cost model, torch hooks and the hand count agree; almost all in 3x3 convs
+    costs = [c for c in graph_costs(g) if c.op == "conv2d"]
+    assert sum(c.macs for c in costs) == mn.conv_macs(models[name]) == CONV_MACS[name]
+    k3 = sum(c.macs for c, n in zip(costs, [n for n in g.nodes if n.op == "conv2d"])
+             if g.types[n.inputs[1]].shape[2:] == (3, 3))
+    assert k3 >= 0.99 * CONV_MACS[name] and k3 > 20e6
+
+
+def test_architectures(models):
+    vgg, res = models["vgg_style"], models["resnet_style"]
+    convs = [m for m in vgg.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in vgg.modules()) == 3
+    convs = [m for m in res.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 12 + 2
+    assert sorted(c.out_channels for c in convs if c.kernel_size == (1, 1)) == [64, 128]
+    assert [tuple(c.stride) for c in convs if c.kernel_size == (1, 1)] == [(2, 2), (2, 2)]
+    for m in (vgg, res):
+        assert m.input_names == ["image"]
+        assert tuple(m.example_inputs[0].shape) == (1, 1, 28, 28) and not m.example_inputs[0].any()
+        cal = type(m).calibration_data()
+        assert cal.shape == (64, 1, 28, 28) and cal.dtype == np.float32 and 0 <= cal.min() and cal.max() <= 1
+        assert m(m.example_inputs[0]).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_weights_are_cached_as_plain_npz_and_reload_fast(models, name):
+    path = mn.weights_path(name)
+    assert mn.VERSION in path.name and path.suffix == ".npz" and path.is_file()
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) == set(models[name].state_dict())
+    t = time.perf_counter()
+    again = mn.FACTORIES[name]()
+    assert time.perf_counter() - t < 5.0  # loaded, not retrained
+    for k, v in models[name].state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    note = mn.training_note(name)
+    assert note is not None and note["version"] == mn.VERSION and note["test_acc"] >= 97.0
+
+
+def test_training_is_deterministic_for_a_seed(split):
+    x, y = split.train
+    sub = (x[:96], y[:96])
+
+    def run(seed):
+        return mn.train(mn.build(mn.VGGStyle, seed), sub, epochs=1, seed=seed, batch=32).state_dict()
+
+    before = torch.random.get_rng_state()
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_evaluate_accepts_modules_graphs_and_callables_and_checks_input(models, split):
+    x, y = split.test[0][:200], split.test[1][:200]
+    model = models["vgg_style"]
+    acc = mn.evaluate(model, x, y)
+    assert mn.evaluate(lambda t: model(t), x, y) == acc
+    assert mn.evaluate(lambda t: torch.zeros(len(t), 10), x, y) == pytest.approx(100 * np.mean(y == 0))
+    model.train()
+    try:
+        assert mn.evaluate(model, x, y) == acc  # run in eval mode (BN running statistics) ...
+        assert model.training  # ... and the caller's mode is restored
+    finally:
+        model.eval()
+    with pytest.raises(InputError, match="empty"):
+        mn.evaluate(model, x[:0], y[:0])
+    with pytest.raises(ShapeError, match="labels"):
+        mn.evaluate(model, x, y[:10])
+
+
+def test_command_line_prints_accuracy(models, capsys):
+    assert mn.main(["vgg_style"]) == 0  # no argument: both models (same code path, twice the time)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("vgg_style: test accuracy ")
+    acc = float(line.split("test accuracy ")[1].split(" %")[0])
+    assert acc >= 97.0 and f"{CONV_MACS['vgg_style']:,}" in line and mn.VERSION in line
