@@ -135,13 +135,13 @@ measured does not share its cores with the previous one's spinning workers."""
 
 
 def interleaved(runs: Mapping[Any, RunFn], rounds: int, number: int, warmup: int = 2,
-                progress: Callable[[], None] | None = None) -> dict[Any, list[float]]:
+                progress: Callable[[], None] | None = None, settle: float = SETTLE_S) -> dict[Any, list[float]]:
     """Round-robin timing (the starting point rotates every round); returns key -> per-round median
     seconds."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
-        time.sleep(SETTLE_S)
+        time.sleep(settle)
     names = list(runs)
     per_round: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -153,7 +153,7 @@ def interleaved(runs: Mapping[Any, RunFn], rounds: int, number: int, warmup: int
                 runs[n]()
                 ts.append(time.perf_counter() - t)
             per_round[n].append(float(np.median(ts)))
-            time.sleep(SETTLE_S)
+            time.sleep(settle)
             if progress:
                 progress()
     return per_round

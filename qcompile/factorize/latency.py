@@ -40,7 +40,8 @@ def measure(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, num
     from qcompile.bench import interleaved
 
     runs = {k: runner_for(g, backend) for k, g in graphs.items()}
-    return {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number).items()}
+    # layers take micro- to milliseconds: a short settle pause keeps probing a whole model quick
+    return {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number, settle=0.02).items()}
 
 
 def interpolate(measured: Mapping[int, float], ranks: Sequence[int]) -> dict[int, float]:
