@@ -33,6 +33,7 @@ import numpy as np
 
 from qcompile.frontends import LoadedModel, load_model
 from qcompile.passes import PassContext, PassManager, parse_pipeline
+from qcompile.factorize.layers import chain_graph
 from qcompile.passes.manager import max_rel_error
 
 RunFn = Callable[[], object]
@@ -263,26 +264,6 @@ def run_benchmark(specs: Sequence[str], backends: Sequence[str], variants: Mappi
     return rows
 
 
-def chain_graph(graph, nodes) -> "Graph":
-    """A graph computing just ``nodes`` (a chain: each reads the previous one's output), with the
-    first node's data input as the graph input and the constants it needs."""
-    from qcompile.ir.graph import Graph, Node
-
-    g = Graph(f"{graph.name}.{nodes[0].name}")
-    x = nodes[0].inputs[0]
-    g.add_input(x, graph.types[x])
-    for n in nodes:
-        for v in n.inputs[1:]:
-            if v and v not in g.constants:
-                g.constants[v] = graph.constants[v]
-                g.types[v] = graph.types[v]
-        g.append(Node(n.op, list(n.inputs), list(n.outputs), n.name, dict(n.attrs), {}))
-        for o in n.outputs:
-            g.types[o] = graph.types[o]
-    g.outputs = [nodes[-1].outputs[0]]
-    return g
-
-
 def layer_latency(original, factorized, layers: Mapping[str, Mapping], backends: Sequence[str], *,
                   rounds: int = 5, number: int = 20, threads: int | None = None) -> list[dict]:
     """Per factorized layer: MACs and measured latency of the original node vs its factor chain.
@@ -291,28 +272,15 @@ def layer_latency(original, factorized, layers: Mapping[str, Mapping], backends:
     macs_after).  Each layer is built alone for every backend (onnxruntime, tvm-*) and all
     (layer, before/after, backend) runs are timed interleaved in the same rounds.
     """
-    from qcompile.backends.onnxruntime_backend import OrtRunner
-    from qcompile.frontends.onnx_export import to_onnx
+    from qcompile.factorize.latency import runner_for
 
-    threads = threads or len(os.sched_getaffinity(0))
     runs, info = {}, {}
-    rng = np.random.default_rng(0)
     for name, row in layers.items():
         chain = [n for n in factorized.nodes
                  if n.meta.get("provenance") and n.meta["provenance"][-1].get("source") == name]
         for kind, g in (("before", chain_graph(original, [original.node(name)])), ("after", chain_graph(factorized, chain))):
-            x = g.inputs[0]
-            feed = {x: rng.standard_normal(g.types[x].shape).astype(np.float32)}
             for b in backends:
-                if b == "onnxruntime":
-                    r = OrtRunner(to_onnx(g).SerializeToString(), threads)
-                elif b.startswith("tvm-"):
-                    from qcompile.backends.tvm.backend import TvmBackend
-
-                    r = TvmBackend(b[4:], threads=threads).runner(g)
-                else:
-                    raise ValueError(f"per-layer latency supports onnxruntime and tvm-* backends, not '{b}'")
-                runs[(name, kind, b)] = (lambda r, f: lambda: r.run(f))(r, feed)
+                runs[(name, kind, b)] = runner_for(g, b, threads)
         info[name] = row
     timed = interleaved(runs, rounds, number)
     table = []

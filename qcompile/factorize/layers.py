@@ -107,3 +107,21 @@ def capture(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], values: Seq
             for v, o in zip(values, outs):
                 got[v].append(o.numpy())
     return {v: np.concatenate(a, axis=0) for v, a in got.items()}
+
+
+def chain_graph(graph: Graph, nodes: Sequence[Node]) -> Graph:
+    """A graph computing just ``nodes`` (a chain: each reads the previous one's output), with the
+    first node's data input as the graph input and the constants it needs."""
+    g = Graph(f"{graph.name}.{nodes[0].name}")
+    x = nodes[0].inputs[0]
+    g.add_input(x, graph.types[x])
+    for n in nodes:
+        for v in n.inputs[1:]:
+            if v and v not in g.constants:
+                g.constants[v] = graph.constants[v]
+                g.types[v] = graph.types[v]
+        g.append(Node(n.op, list(n.inputs), list(n.outputs), n.name, dict(n.attrs), {}))
+        for o in n.outputs:
+            g.types[o] = graph.types[o]
+    g.outputs = [nodes[-1].outputs[0]]
+    return g

@@ -158,21 +158,20 @@ class FactorizePass(Pass):
         """
         import numpy as np
 
-        from qcompile.bench import chain_graph
         from qcompile.factorize.latency import measure
 
         o = self.options
         graphs, probe_idx = {}, {}
         for n in nodes:
             ranked = cands[n.name][1:]
-            graphs[(n.name, -1)] = chain_graph(graph, [n])
+            graphs[(n.name, -1)] = L.chain_graph(graph, [n])
             picks = sorted({int(i) for i in np.linspace(0, len(ranked) - 1, min(o.probes, len(ranked))).round()})
             probe_idx[n.name] = picks
             for i in picks:
                 scratch = graph.clone()
                 node = scratch.node(n.name)
                 made = L.splice(scratch, node, self.timing_steps(scratch, node, ranked[i].rank, ctx), {})
-                graphs[(n.name, i)] = chain_graph(scratch, made)
+                graphs[(n.name, i)] = L.chain_graph(scratch, made)
         lat = measure(graphs, o.backend)
         self.measured_latency = {f"{k[0]}@{k[1]}": v for k, v in lat.items()}
         out = {}
