@@ -105,23 +105,19 @@ def make_runners(loaded: LoadedModel, graph, backends: Sequence[str], threads: i
 
             torch.set_num_threads(threads)
             run = lambda: loaded.reference(feed)  # noqa: E731 - the original model, eager
-        elif name in ("onnxruntime", "onnxruntime-int8"):
+        elif name == "onnxruntime-int8":
             from qcompile.backends.onnxruntime_backend import OrtRunner
             from qcompile.frontends.onnx_export import to_onnx
 
-            model = to_onnx(graph).SerializeToString()
-            if name == "onnxruntime-int8":
-                model = _int8_qdq_model(model, loaded.calibration)
-                note = "QDQ per-channel int8 (onnxruntime.quantization)"
-            r = OrtRunner(model, threads)
+            r = OrtRunner(_int8_qdq_model(to_onnx(graph).SerializeToString(), loaded.calibration), threads)
             run = (lambda r: lambda: r.run(feed))(r)
-        elif name.startswith("tvm-"):
-            from qcompile.backends.tvm.backend import TvmBackend
+            note = "QDQ per-channel int8 (onnxruntime.quantization)"
+        elif name == "onnxruntime" or name.startswith("tvm-"):
+            from qcompile.backends.tvm.lowering import resolve
+            from qcompile.factorize.latency import runner_for
 
-            backend = TvmBackend(name[4:], threads=threads)
-            r = backend.runner(graph)
-            run = (lambda r: lambda: r.run(feed))(r)
-            if backend.cpu.remote and "QCOMPILE_EMULATED" in os.environ:
+            run = runner_for(graph, name, threads, feed)
+            if name.startswith("tvm-") and resolve(name[4:]).remote and "QCOMPILE_EMULATED" in os.environ:
                 note = "emulated board: correctness only, not a timing"
         else:
             raise ValueError(f"unknown benchmark backend '{name}'")

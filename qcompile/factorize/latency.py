@@ -3,24 +3,27 @@
 A layer (or factor chain) is built alone — its input as the graph input, its weights as
 constants — for one backend (``onnxruntime`` or ``tvm-x86`` / other ``tvm-*``) and all variants
 are timed interleaved in the same rounds (:func:`qcompile.bench.interleaved`); medians in
-seconds.  The latency of ranks between measured ones is interpolated linearly in the rank.
+seconds.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping
 
 import numpy as np
 
 from qcompile.ir.graph import Graph
 
 
-def runner_for(graph: Graph, backend: str, threads: int | None = None) -> Callable[[], object]:
-    """A no-argument callable running ``graph`` once on ``backend`` with a fixed random input."""
+def runner_for(graph: Graph, backend: str, threads: int | None = None,
+               feed: Mapping[str, np.ndarray] | None = None) -> Callable[[], object]:
+    """A no-argument callable running ``graph`` once on ``backend`` (onnxruntime or tvm-*) with
+    ``feed``, by default a fixed random input."""
     threads = threads or len(os.sched_getaffinity(0))
-    x = graph.inputs[0]
-    feed = {x: np.random.default_rng(0).standard_normal(graph.types[x].shape).astype(np.float32)}
+    if feed is None:
+        x = graph.inputs[0]
+        feed = {x: np.random.default_rng(0).standard_normal(graph.types[x].shape).astype(np.float32)}
     if backend == "onnxruntime":
         from qcompile.backends.onnxruntime_backend import OrtRunner
         from qcompile.frontends.onnx_export import to_onnx
@@ -43,9 +46,3 @@ def measure(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, num
     # layers take micro- to milliseconds: a short settle pause keeps probing a whole model quick
     return {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number, settle=0.02).items()}
 
-
-def interpolate(measured: Mapping[int, float], ranks: Sequence[int]) -> dict[int, float]:
-    """Latency at every rank in ``ranks``, linear between the measured ranks (clamped at the ends)."""
-    xs = sorted(measured)
-    ys = [measured[r] for r in xs]
-    return {r: float(np.interp(r, xs, ys)) for r in ranks}

@@ -22,14 +22,11 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def node_macs(graph: Graph, node: Node) -> int:
+    """The node's MACs by its op schema's rule (as in :func:`qcompile.ir.costs.node_cost`)."""
     from qcompile.ir import ops
 
-    schema = ops.get(node.op)
-    if schema.macs_fn is None:
-        return 0
-    ins = [graph.types[i] if i else None for i in node.inputs]
-    outs = [graph.types[o] for o in node.outputs]
-    return int(schema.macs_fn(ins, outs, node.attrs))
+    return ops.get(node.op).macs([graph.types[i] if i else None for i in node.inputs],
+                                 [graph.types[o] for o in node.outputs], node.attrs)
 
 
 def compute_macs(graph: Graph) -> int:

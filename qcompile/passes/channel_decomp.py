@@ -45,11 +45,6 @@ class ChannelDecomposition(FactorizePass):
     Options = ChannelDecompOptions
     method = "channel-decomp"
 
-    def why_not(self, graph, node):
-        if node.attrs["group"] != 1:
-            return "grouped convolution"
-        return None
-
     # -- responses of the original network, sampled once ----------------------
     def prepare(self, graph, nodes, ctx):
         if self.options.fit not in ("responses", "weights"):
@@ -62,7 +57,9 @@ class ChannelDecomposition(FactorizePass):
                                     f"data: pass --calib FILE or use a model with calibration_data()")
         self._feeds = list(ctx.calibration)
         values = [n.outputs[0] for n in nodes]
-        got = capture(graph, self._feeds, values + [n.inputs[0] for n in nodes])
+        if not self.options.asymmetric:  # symmetric: inputs from the original network, captured now
+            values += [n.inputs[0] for n in nodes]
+        got = capture(graph, self._feeds, values)
         self._y, self._idx, self._x_orig = {}, {}, {}
         for k, n in enumerate(nodes):
             out = got[n.outputs[0]]
@@ -71,7 +68,8 @@ class ChannelDecomposition(FactorizePass):
             idx = np.sort(rng.choice(total, size=min(self.options.samples, total), replace=False))
             self._idx[n.name] = idx
             self._y[n.name] = self._columns(out)[:, idx]
-            self._x_orig[n.name] = got[n.inputs[0]]
+            if not self.options.asymmetric:
+                self._x_orig[n.name] = got[n.inputs[0]]
 
     @staticmethod
     def _columns(t: np.ndarray) -> np.ndarray:

@@ -27,11 +27,6 @@ class CPDecomposition(FactorizePass):
     summary = "factorize convs into 1x1 -> depthwise kx1 -> depthwise 1xk -> 1x1 by CP (tensorly)"
     method = "cp"
 
-    def why_not(self, graph, node):
-        if node.attrs["group"] != 1:
-            return "grouped convolution"
-        return None
-
     def full_rank(self, graph, node):
         o, i, kh, kw = graph.types[node.inputs[1]].shape
         return min(o * i, i * kh * kw, o * kh * kw)

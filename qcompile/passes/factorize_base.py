@@ -51,7 +51,11 @@ class FactorizePass(Pass):
 
     # -- per-method hooks ------------------------------------------------------
     def why_not(self, graph: Graph, node: Node) -> str | None:
-        """None when this pass can rewrite ``node``, else the reason it is skipped."""
+        """None when this pass can rewrite ``node``, else the reason it is skipped.
+
+        Every conv factorization here mixes all input channels, so grouped convs are skipped."""
+        if node.op == "conv2d" and node.attrs["group"] != 1:
+            return "grouped convolution"
         return None
 
     def full_rank(self, graph: Graph, node: Node) -> int:
@@ -121,7 +125,7 @@ class FactorizePass(Pass):
         macs_after = L.compute_macs(graph)
         stats = {"layers": table, "skipped": skipped, "macs_before": macs_before, "macs_after": macs_after,
                  "mac_ratio": macs_after / max(macs_before, 1)}
-        if getattr(self, "measured_latency", None):
+        if self.measured_latency:
             stats["measured_latency_s"] = self.measured_latency
         return PassResult(graph, bool(table), stats)
 

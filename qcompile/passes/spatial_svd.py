@@ -32,8 +32,9 @@ class SpatialSVD(FactorizePass):
 
     def why_not(self, graph, node):
         _, _, kh, kw = graph.types[node.inputs[1]].shape
-        if node.attrs["group"] != 1:
-            return "grouped convolution"
+        reason = super().why_not(graph, node)
+        if reason:
+            return reason
         if kh < 2 or kw < 2:
             return f"kernel {kh}x{kw} is not separable into two smaller ones"
         return None

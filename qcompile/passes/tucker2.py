@@ -27,11 +27,6 @@ class Tucker2(FactorizePass):
     summary = "factorize convs into 1x1 -> k x k core -> 1x1 by Tucker-2 (tensorly)"
     method = "tucker2"
 
-    def why_not(self, graph, node):
-        if node.attrs["group"] != 1:
-            return "grouped convolution"
-        return None
-
     def full_rank(self, graph, node):
         o, i, _, _ = graph.types[node.inputs[1]].shape
         return (o, i)
