@@ -66,6 +66,34 @@ def _conv2d(v: list, a: dict) -> torch.Tensor:
     return F.conv2d(_pad_nchw(x, a["pads"]), w, b, a["strides"], 0, a["dilations"], a["group"])
 
 
+def _axis_view(s: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
+    """A scale / zero point shaped to broadcast along ``axis`` (per-axis) or as a scalar."""
+    if s.dim() == 0 or s.numel() == 1:
+        return s.reshape(())
+    shape = [1] * rank
+    shape[axis % rank] = -1
+    return s.reshape(shape)
+
+
+def _quantize_linear(v: list, a: dict) -> torch.Tensor:
+    """saturate(round_half_even(x / s) + zp); torch.round rounds half to even, like ONNX."""
+    from qcompile.ir.ops import quant_range
+
+    x = v[0]
+    s = _axis_view(v[1], x.dim(), a["axis"])
+    zp = _axis_view(v[2], x.dim(), a["axis"]).to(torch.float32) if len(v) > 2 else 0.0
+    lo, hi = quant_range(a["dtype"], a["bits"])
+    q = torch.clamp(torch.round(x / s) + zp, lo, hi)
+    return q.to(torch.int8 if a["dtype"] == "int8" else torch.uint8)
+
+
+def _dequantize_linear(v: list, a: dict) -> torch.Tensor:
+    q = v[0]
+    s = _axis_view(v[1], q.dim(), a["axis"])
+    zp = _axis_view(v[2], q.dim(), a["axis"]).to(torch.float32) if len(v) > 2 else 0.0
+    return (q.to(torch.float32) - zp) * s
+
+
 def _ceil_extra(size: int, k: int, s: int, pb: int, pe: int, d: int) -> int:
     """End padding that makes floor-mode pooling produce the ceil_mode output size."""
     out = conv_out_size(size, k, s, pb, pe, d, True)
@@ -196,6 +224,8 @@ IMPLS: dict[str, Impl] = {
     "flatten": _flatten,
     "transpose": lambda v, a: v[0].permute(*a["perm"]),
     "softmax": lambda v, a: torch.softmax(v[0], dim=a["axis"]),
+    "quantize_linear": _quantize_linear,
+    "dequantize_linear": _dequantize_linear,
 }
 """IR op -> torch implementation.  Covers every op of :mod:`qcompile.ir.ops` (tested)."""
 

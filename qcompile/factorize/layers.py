@@ -17,7 +17,7 @@ import numpy as np
 from qcompile.ir.graph import Graph, Node
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p.strip()) for p in pattern.split("|") if p.strip())
 
 
@@ -37,7 +37,7 @@ def compute_macs(graph: Graph) -> int:
 def targets(graph: Graph, ops: Sequence[str], layers: str, exclude: str) -> list[Node]:
     out = []
     for n in graph.nodes:
-        if n.op not in ops or not _matches(n.name, layers) or (exclude and _matches(n.name, exclude)):
+        if n.op not in ops or not matches(n.name, layers) or (exclude and matches(n.name, exclude)):
             continue
         if not all(v in graph.constants for v in n.inputs[1:] if v):
             continue

@@ -203,6 +203,47 @@ def _emit_reduce_mean(e: _Emitter, n: Node) -> None:
         e.node("ReduceMean", [n.inputs[0]], n.outputs, n.name, axes=axes, keepdims=keep)
 
 
+def _zero_point(e: _Emitter, n: Node, scale: str, dtype: str, bits: int) -> str:
+    """The node's zero point, or a zero of the scale's shape in the quantized type (ONNX's default
+    without one is uint8, so int8 needs it spelled out)."""
+    if len(n.inputs) > 2 and n.inputs[2]:
+        return n.inputs[2]
+    zeros = np.zeros(e.g.types[scale].shape, np.dtype(dtype))
+    if bits == 4:
+        name = e.fresh(n.name + "_zero_point")
+        e.inits.append(helper.make_tensor(name, TensorProto.INT4, zeros.shape, zeros.ravel().tolist()))
+        return name
+    return e.const(n.name + "_zero_point", zeros)
+
+
+def _q_axis(e: _Emitter, n: Node) -> dict:
+    return {"axis": int(n.attrs["axis"])} if e.g.types[n.inputs[1]].rank == 1 else {}
+
+
+def _emit_quantize(e: _Emitter, n: Node) -> None:
+    if n.attrs["bits"] != 8:
+        raise IRVerificationError(f"ONNX export: node '{n.name}' quantizes an activation to "
+                                  f"{n.attrs['bits']} bits; only 8-bit activations can be exported")
+    zp = _zero_point(e, n, n.inputs[1], n.attrs["dtype"], 8)
+    e.node("QuantizeLinear", [n.inputs[0], n.inputs[1], zp], n.outputs, n.name, **_q_axis(e, n))
+
+
+def _emit_dequantize(e: _Emitter, n: Node) -> None:
+    """DequantizeLinear; an int4 (``bits=4``) constant becomes an INT4 initializer (opset >= 21)."""
+    q = n.inputs[0]
+    if n.attrs["bits"] == 4:
+        arr = e.g.constants.get(q)
+        if arr is None or e.opset < 21:
+            raise IRVerificationError(
+                f"ONNX export: node '{n.name}' dequantizes int4 values; that needs a constant input and "
+                f"opset >= 21 (asked for opset {e.opset})")
+        name = e.fresh(q + "_int4")
+        e.inits.append(helper.make_tensor(name, TensorProto.INT4, arr.shape, arr.astype(np.int8).ravel().tolist()))
+        q = name
+    zp = _zero_point(e, n, n.inputs[1], e.g.types[n.inputs[0]].dtype, n.attrs["bits"])
+    e.node("DequantizeLinear", [q, n.inputs[1], zp], n.outputs, n.name, **_q_axis(e, n))
+
+
 def _pool_attrs(a: dict) -> dict:
     return {"kernel_shape": list(a["kernel"]), "strides": list(a["strides"]), "pads": list(a["pads"]),
             "ceil_mode": int(a["ceil_mode"])}
@@ -231,6 +272,8 @@ EMITTERS: dict[str, Callable[[_Emitter, Node], None]] = {
     "flatten": _with_attrs("Flatten", lambda a: {"axis": int(a["axis"])}),
     "transpose": _with_attrs("Transpose", lambda a: {"perm": list(a["perm"])}),
     "softmax": _with_attrs("Softmax", lambda a: {"axis": int(a["axis"])}),
+    "quantize_linear": _emit_quantize,
+    "dequantize_linear": _emit_dequantize,
 }
 """IR op -> emitter(emitter_state, node).  Must cover every op in :mod:`qcompile.ir.ops`."""
 
@@ -247,13 +290,34 @@ def _check_opset(opset: int) -> None:
         raise ValueError(f"ONNX export supports opsets {MIN_EXPORT_OPSET}..{newest}, got {opset}")
 
 
-def to_onnx(graph: Graph, opset: int = OPSET) -> onnx.ModelProto:
-    """Export ``graph`` to a standard ONNX model at ``opset`` (checker-valid; the same graph gives
-    the same bytes).  Raises IRVerificationError for an op without a mapping."""
+def _int4_only_constants(graph: Graph) -> set[str]:
+    """Constants read only by int4 DequantizeLinear nodes."""
+    readers: dict[str, set[bool]] = {}
+    for n in graph.nodes:
+        for i, v in enumerate(n.inputs):
+            if v in graph.constants:
+                readers.setdefault(v, set()).add(n.op == "dequantize_linear" and i == 0 and n.attrs["bits"] == 4)
+    return {c for c, kinds in readers.items() if kinds == {True} and c not in graph.outputs}
+
+
+def needed_opset(graph: Graph, opset: int = OPSET) -> int:
+    """``opset``, raised to 21 when the graph holds int4 weights (ONNX INT4 needs opset 21)."""
+    if any(n.op == "dequantize_linear" and n.attrs["bits"] == 4 for n in graph.nodes):
+        return max(opset, 21)
+    return opset
+
+
+def to_onnx(graph: Graph, opset: int | None = None) -> onnx.ModelProto:
+    """Export ``graph`` to a standard ONNX model at ``opset`` (default: OPSET, or 21 for int4
+    weights; checker-valid; the same graph gives the same bytes).  Raises IRVerificationError for
+    an op without a mapping."""
+    opset = needed_opset(graph) if opset is None else opset
     _check_opset(opset)
     e = _Emitter(graph, opset)
+    int4_only = _int4_only_constants(graph)
     for cname, arr in graph.constants.items():
-        e.inits.append(numpy_helper.from_array(np.asarray(arr), cname))
+        if cname not in int4_only:  # those are written as INT4 initializers by their DequantizeLinear
+            e.inits.append(numpy_helper.from_array(np.asarray(arr), cname))
     for n in graph.nodes:
         emit = EMITTERS.get(n.op)
         if emit is None:
@@ -280,7 +344,7 @@ def to_onnx(graph: Graph, opset: int = OPSET) -> onnx.ModelProto:
     return model
 
 
-def save_onnx(graph: Graph, path: str | Path, opset: int = OPSET) -> Path:
+def save_onnx(graph: Graph, path: str | Path, opset: int | None = None) -> Path:
     """Export ``graph``, check it with ``onnx.checker`` (full check) and write it to ``path``."""
     model = to_onnx(graph, opset)
     onnx.checker.check_model(model, full_check=True)

@@ -310,7 +310,8 @@ def _fold_constants(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         for _ in range(FOLD_MAX_ROUNDS):
             folded = optimizer.fold_constants_ir(m, onnx_shape_inference=True,
                                                  input_size_limit=FOLD_INPUT_SIZE_LIMIT,
-                                                 output_size_limit=FOLD_OUTPUT_SIZE_LIMIT)
+                                                 output_size_limit=FOLD_OUTPUT_SIZE_LIMIT,
+                                                 should_fold=_keep_quantized_weights)
             rewritten = rewrite(m)
             common.RemoveUnusedNodesPass()(m)
             if not (folded.modified or rewritten.modified):
@@ -320,6 +321,12 @@ def _fold_constants(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         return ir.serde.serialize_model(m)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"'{path}': constant folding failed: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _keep_quantized_weights(node) -> bool | None:
+    """Fold-constants policy: a DequantizeLinear of a constant stays (its integer weights are the
+    point of a quantized model); everything else is the optimizer's call."""
+    return False if node.op_type == "DequantizeLinear" else None
 
 
 # ============================================================================ 5. mapping
@@ -491,10 +498,6 @@ _ALTERNATIVES = {
     "LSTM": "recurrent layers are not supported (qcompile targets CNNs)",
     "GRU": "recurrent layers are not supported (qcompile targets CNNs)",
     "RNN": "recurrent layers are not supported (qcompile targets CNNs)",
-    "QuantizeLinear": "pre-quantized models are not accepted as input; give the fp32 model and use the "
-                      "quantize pass",
-    "DequantizeLinear": "pre-quantized models are not accepted as input; give the fp32 model and use the "
-                        "quantize pass",
     "QLinearConv": "pre-quantized models are not accepted as input; give the fp32 model and use the quantize pass",
 }
 
@@ -817,6 +820,32 @@ def _constant(imp: _Importer, node, a) -> None:
         raise imp.unsupported(node, f"Constant with a '{key}' value is not supported")
 
 
+def _qdq(op: str):
+    """QuantizeLinear / DequantizeLinear with constant scale (scalar or per-axis) and zero point.
+    Without a zero point QuantizeLinear produces uint8 (ONNX default) unless ``output_dtype`` says
+    otherwise; int4 initializers are kept as int8 storage with ``bits=4``."""
+    def h(imp: _Importer, node, a) -> None:
+        if int(a.get("block_size", 0)):
+            raise imp.unsupported(node, "blocked quantization (block_size) is not supported; use per-axis scales")
+        for i in node.input[1:3]:
+            if i and imp.const(i) is None:
+                raise imp.unsupported(node, f"scale and zero point must be constants ('{i}' is computed)")
+        ins = [imp.v(i) for i in node.input[:3] if i]
+        if imp.g.types[ins[1]].dtype != "float32":
+            raise imp.unsupported(node, f"scale must be float32, got {imp.g.types[ins[1]].dtype}")
+        attrs = {"axis": int(a.get("axis", 1))}
+        if op == "quantize_linear":
+            if len(ins) > 2:
+                attrs["dtype"] = imp.g.types[ins[2]].dtype
+            else:
+                out = int(a.get("output_dtype", 0)) or onnx.TensorProto.UINT8
+                if out not in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
+                    raise imp.unsupported(node, "only int8 / uint8 quantization is supported")
+                attrs["dtype"] = _ELEM[out]
+        imp.emit(node, op, ins, attrs, output=node.output[0])
+    return h
+
+
 HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _bn,
     "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"), "Exp": _unary("exp"),
@@ -841,6 +870,7 @@ HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
     "Softmax": lambda imp, n, a: imp.emit(n, "softmax", [imp.v(n.input[0])], {"axis": int(a.get("axis", -1))},
                                           output=n.output[0]),
     "Identity": _eliminate, "Dropout": _eliminate, "Constant": _constant,
+    "QuantizeLinear": _qdq("quantize_linear"), "DequantizeLinear": _qdq("dequantize_linear"),
 }
 """ONNX op type -> handler(importer, node, attributes)."""
 

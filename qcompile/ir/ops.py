@@ -332,3 +332,49 @@ def _softmax_infer(t, a, node):
 
 register(OpSchema("softmax", 1, 1, {"axis": -1}, _softmax_infer,
                   lambda t, o, a: t[0].numel))
+
+
+# --------------------------------------------------------------------- quantization (ONNX QDQ semantics)
+def quant_range(dtype: str, bits: int) -> tuple[int, int]:
+    """Saturation range of a ``bits``-wide integer stored in ``dtype`` (int4 lives in int8 storage)."""
+    if dtype == "uint8":
+        return 0, 2 ** bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _check_qparams(t, a, node, quantized) -> None:
+    x, s = t[0], t[1]
+    ax = _norm_axis(a["axis"], x.rank) if x.rank else 0
+    _check(s.dtype == "float32", node, f"scale must be float32, got {s}")
+    if s.rank == 1 and s.shape[0] != 1:
+        _check(0 <= ax < x.rank and s.shape == (x.shape[ax],), node,
+               f"per-axis scale {s} must have {x.shape[ax] if 0 <= ax < x.rank else '?'} entries (axis {a['axis']})")
+    else:
+        _check(s.numel == 1, node, f"scale must be a scalar or 1-D along axis {a['axis']}, got {s}")
+    if len(t) > 2 and t[2] is not None:
+        _check(t[2].shape == s.shape, node, f"zero point {t[2]} must have the scale's shape {s}")
+        _check(t[2].dtype == quantized, node, f"zero point dtype {t[2].dtype} != quantized dtype {quantized}")
+    _check(quantized in ("int8", "uint8"), node, f"quantized dtype must be int8 or uint8, got {quantized}")
+    _check(a["bits"] in (4, 8), node, f"bits must be 4 or 8, got {a['bits']}")
+
+
+def _quantize_infer(t, a, node):
+    _check(t[0].dtype == "float32", node, f"quantize_linear input must be float32, got {t[0]}")
+    _check_qparams(t, a, node, a["dtype"])
+    return [TensorType(t[0].shape, a["dtype"])]
+
+
+def _dequantize_infer(t, a, node):
+    _check_qparams(t, a, node, t[0].dtype)
+    return [TensorType(t[0].shape, "float32")]
+
+
+register(OpSchema(
+    "quantize_linear", 2, 3, {"axis": 1, "dtype": "int8", "bits": 8}, _quantize_infer,
+    doc="q = saturate(round_half_even(x / scale) + zero_point) to the signed (unsigned for uint8) "
+        "`bits`-bit range; scale scalar (per tensor) or 1-D along `axis`; zero point optional (0). "
+        "ONNX QuantizeLinear; bits=4 keeps int4 values in int8 storage."))
+register(OpSchema(
+    "dequantize_linear", 2, 3, {"axis": 1, "bits": 8}, _dequantize_infer,
+    doc="x = (q - zero_point) * scale, float32 (ONNX DequantizeLinear); `bits` records the width "
+        "the integers were quantized to (4: int4 values in int8 storage)."))

@@ -1,7 +1,9 @@
 """The qcompile Relax pipeline for CPU targets, as phase lists (TVM-style).
 
     to_relax(graph)                                  NCHW Relax, constants embedded
+    integer:   qdq_to_integer (dequantize -> conv/matmul as int8 x int8 -> int32)
     layout:    ConvertLayout(conv2d -> NHWC/HWIO), FoldConstant (weights permuted once)
+    unsigned:  (x86 + VNNI) int8 activations shifted to uint8 for vpdpbusd
     legalize:  LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
     schedule:  dlight ApplyDefaultSchedule(qcompile CPU rules)
     lower:     TVM's cpu_generic dataflow-lower + finalize passes
@@ -19,6 +21,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 
+from qcompile.backends.tvm.integer_lowering import qdq_to_integer, unsigned_activations
 from qcompile.backends.tvm.relax_builder import to_relax
 from qcompile.backends.tvm.schedules import default_rules
 from qcompile.errors import TargetError
@@ -132,10 +135,13 @@ def lower_to_tir(graph: Graph, target: CpuTarget, tune_trials: int = 0, log=prin
     the cache folder and is reused across compiles, and a tuned schedule replaces the default rule
     only where it measured faster (see tuning.py).
     """
-    mod = to_relax(graph)
+    mod, _ = qdq_to_integer(to_relax(graph))
     tgt = target.tvm_target()
     with tgt:
-        mod = tvm.ir.transform.Sequential(layout_passes() + legalize_passes())(mod)
+        mod = tvm.ir.transform.Sequential(layout_passes())(mod)
+        if "avx512vnni" in target.features:
+            mod, _ = unsigned_activations(mod)
+        mod = tvm.ir.transform.Sequential(legalize_passes())(mod)
     if tune_trials > 0:
         from qcompile.backends.tvm.tuning import apply_choices, tune_and_choose
 

@@ -113,6 +113,29 @@ def _pool(kind: str):
     return emit
 
 
+def _qparams(b: _Builder, n: Node, dtype: str) -> tuple[relax.Expr, relax.Expr]:
+    """Scale and zero point (zeros of ``dtype`` when absent) as Relax constants."""
+    scale = b.g.constants.get(n.inputs[1])
+    zp = b.g.constants.get(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] else np.zeros(b.g.types[n.inputs[1]].shape,
+                                                                                           dtype)
+    if scale is None or zp is None:
+        raise UnsupportedOpError(n.op, n.name, "scale and zero point must be constants for TVM", frontend="tvm")
+    return b.const(scale.astype(np.float32)), b.const(np.asarray(zp, dtype))
+
+
+def _quantize(b: _Builder, n: Node, v: list) -> relax.Expr:
+    if n.attrs["bits"] != 8:
+        raise UnsupportedOpError(n.op, n.name, f"{n.attrs['bits']}-bit activations have no TVM lowering; "
+                                 "quantize activations to 8 bits", frontend="tvm")
+    s, zp = _qparams(b, n, n.attrs["dtype"])
+    return relax.op.quantize(v[0], s, zp, axis=n.attrs["axis"], out_dtype=n.attrs["dtype"])
+
+
+def _dequantize(b: _Builder, n: Node, v: list) -> relax.Expr:
+    s, zp = _qparams(b, n, b.g.types[n.inputs[0]].dtype)
+    return relax.op.dequantize(v[0], s, zp, axis=n.attrs["axis"])
+
+
 def _flatten(b: _Builder, n: Node, v: list) -> relax.Expr:
     return relax.op.reshape(v[0], b.g.types[n.outputs[0]].shape)
 
@@ -138,6 +161,7 @@ EMITTERS: dict[str, Emit] = {
     "flatten": _flatten,
     "transpose": lambda b, n, v: relax.op.permute_dims(v[0], list(n.attrs["perm"])),
     "softmax": lambda b, n, v: relax.op.nn.softmax(v[0], axis=n.attrs["axis"]),
+    "quantize_linear": _quantize, "dequantize_linear": _dequantize,
     **{k: (lambda f: lambda b, n, v: f(v[0]))(f) for k, f in _UNARY.items()},
     **{k: (lambda f: lambda b, n, v: f(v[0], v[1]))(f) for k, f in _BINARY.items()},
 }
