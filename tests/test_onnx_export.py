@@ -62,6 +62,11 @@ def all_ops_graph(seed: int = 0) -> Graph:
     d = node("div", [node("sub", [mx, mn], name="sub2"), two])
     p = node("pow", [node("erf", [d]), two])
     h = node("identity", [p])
+    qs = g.add_constant("act.s", np.array(0.02, np.float32))                       # per-tensor int8 QDQ
+    h = node("dequantize_linear", [node("quantize_linear", [h, qs]), qs])
+    cs = g.add_constant("ch.s", np.linspace(0.01, 0.05, 16).astype(np.float32))     # per-channel uint8 QDQ
+    cz = g.add_constant("ch.zp", np.full(16, 128, np.uint8))
+    h = node("dequantize_linear", [node("quantize_linear", [h, cs, cz], {"dtype": "uint8"}), cs, cz])
     f = node("flatten", [node("global_avg_pool", [h])])                               # (2, 16)
     sm = node("softmax", [node("linear", [f, const("fc.w", 10, 16), const("fc.b", 10)], name="fc")])
     rs = node("reshape", [cat], {"shape": (2, 16, 12)})

@@ -428,8 +428,13 @@ class _Importer:
                                  f"{onnx.TensorProto.DataType.Name(elem_of[name])}, which qcompile does not "
                                  f"support (supported: {sorted(set(_ELEM.values()))})")
             self.g.add_input(name, TensorType(shape, dtype))
+        self.int4: set[str] = set()
         for t in mg.initializer:
-            self.consts[t.name] = numpy_helper.to_array(t)
+            arr = numpy_helper.to_array(t)
+            if t.data_type == onnx.TensorProto.INT4:  # int4 values kept in int8 storage (bits=4 on their DQ)
+                arr = arr.astype(np.int8)
+                self.int4.add(t.name)
+            self.consts[t.name] = arr
         for self.index, node in enumerate(mg.node):
             handler = HANDLERS.get(node.op_type)
             if handler is None:
@@ -834,6 +839,8 @@ def _qdq(op: str):
         if imp.g.types[ins[1]].dtype != "float32":
             raise imp.unsupported(node, f"scale must be float32, got {imp.g.types[ins[1]].dtype}")
         attrs = {"axis": int(a.get("axis", 1))}
+        if op == "dequantize_linear" and imp.alias.get(node.input[0], node.input[0]) in imp.int4:
+            attrs["bits"] = 4
         if op == "quantize_linear":
             if len(ins) > 2:
                 attrs["dtype"] = imp.g.types[ins[2]].dtype

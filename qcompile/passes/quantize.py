@@ -10,8 +10,9 @@ For each selected layer ``y = conv(x, W) + b``:
   :mod:`qcompile.quantize.numerics`), as ``quantize_linear -> dequantize_linear`` on the layer's
   input.  A value read by several layers gets one pair; other readers keep the float value;
 * bias correction (Nagel et al. 2019): the weight rounding error shifts the mean output by
-  ``E[conv(x, W - W_q)]``; it is measured per output channel on the calibration inputs and
-  subtracted through the bias (a bias is added if the layer had none);
+  ``E[conv(x, W_q)] - E[conv(x, W)] = -E[conv(x, W - W_q)]``; that is measured per output channel
+  on the calibration inputs and added back through the bias (a bias is added if the layer had
+  none);
 * mixed precision: ``int4=PATTERN`` forces 4-bit weights on matching layers; ``size=F`` picks 4-bit
   layers automatically so that the weights take at most ``F`` times their all-int8 bytes: layers are
   taken in increasing order of output-error increase per byte saved (the relative output error of
@@ -135,7 +136,7 @@ class Quantize(Pass):
         entry = {"pass": self.name, "weight_bits": bits, "act_bits": self.options.act_bits}
         if self.options.bias_correction and x is not None:
             shift = _mean_output(node, graph, x, w - qn.dequantize(q, s, axis=0))
-            b = (np.zeros(w.shape[0], np.float32) if b is None else b) - shift
+            b = (np.zeros(w.shape[0], np.float32) if b is None else b) + shift
             entry["bias_correction_max"] = round(float(np.abs(shift).max()), 6)
         if x_scale is not None:
             entry.update(act_scale=float(x_scale), observer=self.options.observer)

@@ -74,13 +74,25 @@ def host_x86_target(mcpu: str | None = None) -> CpuTarget:
         if missing:
             raise TargetError(f"this machine ('{host}') cannot run code for '{mcpu}': it lacks "
                               f"{', '.join(missing[:6])}; compile on (or for) a CPU that has them")
+    return x86_target(cpu, host=host)
+
+
+def x86_target(cpu: str, host: str | None = None) -> CpuTarget:
+    """x86-64 code for LLVM CPU ``cpu`` without checking that it runs here (cross-compiling for
+    another x86 machine, or inspecting the code): :func:`host_x86_target` is the checked form."""
+    import os
+
     have = _x86_features(cpu)
     feats = tuple(f for f in ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni") if f in have)
-
     return CpuTarget("x86", {"kind": "llvm", "mcpu": cpu, "mtriple": "x86_64-linux-gnu",
                              "num-cores": len(os.sched_getaffinity(0))},
                      description=f"x86-64 {'host ' if cpu == host else ''}CPU ({cpu}: "
                                  f"{', '.join(feats) or 'no AVX'})", features=feats)
+
+
+def assembly(executable) -> str:
+    """The assembly of a built executable's kernels (to check which instructions were used)."""
+    return "\n".join(m.inspect_source("asm") for m in executable.mod.imports)
 
 
 def arm64_target(dotprod: bool = False) -> CpuTarget:
