@@ -130,7 +130,11 @@ def _ensure_site(root: Path) -> Path:
         compiler = staging / "tvm" / "lib" / "libtvm_compiler.so"
         if compiler.exists():
             compiler.unlink()  # 240 MB the board never uses (it only runs compiled modules)
-        os.replace(staging, site)
+        try:
+            os.replace(staging, site)
+        except OSError:
+            if not (site / "tvm").is_dir():  # not a concurrent set-up that finished first
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return site

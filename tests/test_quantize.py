@@ -167,3 +167,45 @@ def test_int8_ptq_on_mnist_vgg_within_half_a_point():
     base = PassManager(parse_pipeline("fold-bn,dead-code")).run(load_model("qcompile.models.mnist_nets:vgg_style").graph)
     g, _ = _quantize(base, [{"image": xtr[i:i + 1]} for i in range(128)])
     assert evaluate(g, xte, yte) >= evaluate(base, xte, yte) - 0.5
+
+
+def _int8_asm(graph, target) -> str:
+    from qcompile.backends.tvm.lowering import assembly, build
+
+    return assembly(build(graph, target))
+
+
+def test_x86_artifacts_use_integer_dot_product_instructions(digits):
+    """vpdpbusd for an AVX-512 VNNI CPU (compiled, not run: this host may lack it); the AVX2 build
+    multiplies bytes with vpmaddwd.  Integer lowering, not float QDQ, is what these count."""
+    from qcompile.backends.tvm.lowering import x86_target
+
+    base, calib = digits
+    g, _ = _quantize(base, calib)
+    vnni = _int8_asm(g, x86_target("znver4"))
+    assert vnni.count("vpdpbusd") >= 4
+    avx2 = _int8_asm(g, x86_target("znver3"))
+    assert "vpdpbusd" not in avx2 and avx2.count("vpmaddwd") >= 4
+
+
+def test_arm64_int8_matches_on_the_emulated_boards(digits, arm_board, monkeypatch):
+    """sdot with +dotprod (Cortex-A76 board), plain NEON without (Cortex-A72 board); both run over
+    RPC on the emulated board and match the quantized reference within the int8 bound."""
+    from qcompile import board
+    from qcompile.backends.tvm.backend import TvmBackend
+    from qcompile.backends.tvm.lowering import resolve
+
+    base, calib = digits
+    g, _ = _quantize(base, calib)
+    assert _int8_asm(g, resolve("arm64-dotprod")).count("sdot") >= 4
+    assert "sdot" not in _int8_asm(g, resolve("arm64"))
+    a76 = board.serve("arm64-dotprod")
+    try:
+        for target, address in (("arm64", arm_board.address), ("arm64-dotprod", a76.address)):
+            monkeypatch.setenv("QCOMPILE_RPC", address)
+            runner = TvmBackend(target).runner(g)
+            for feed in calib[:4]:
+                ref = _run(g, feed["image"])
+                assert np.abs(runner.run(feed)[0] - ref).max() <= INT8_ATOL_REL * np.abs(ref).max(), target
+    finally:
+        a76.stop()
