@@ -48,6 +48,11 @@ or in integers); the stated bound for the artifact vs the quantized IR is two in
 output range, |y - y_ref| <= 2/127 * max|y_ref|."""
 
 
+REDUCE_RANGE_HINT = (
+    "; onnxruntime's int8 kernels on CPUs without VNNI add byte products in int16 and saturate with "
+    "full-range int8 weights: quantize with reduce_range=true (7-bit weight grid)")
+
+
 @dataclass
 class CompileOptions:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -158,7 +163,8 @@ def _compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOp
                     f"artifact for target '{tgt.name}' differs from the compressed IR (reference interpreter) "
                     f"beyond {'the int8' if quantized else 'fp32'} tolerance: max relative error "
                     f"{backend_rel:.3g} (rtol={rtol}, atol={atol_rel:.3g}*max|ref|) on "
-                    f"{len(loaded.calibration)} calibration feeds")
+                    f"{len(loaded.calibration)} calibration feeds"
+                    + (REDUCE_RANGE_HINT if quantized and backend.name == "onnxruntime" else ""))
         if opts.max_rel_error is not None and rel > opts.max_rel_error:
             raise NumericsError(f"artifact error {rel:.3g} exceeds --max-rel-error {opts.max_rel_error}")
         manifest = {

@@ -209,3 +209,30 @@ def test_arm64_int8_matches_on_the_emulated_boards(digits, arm_board, monkeypatc
                 assert np.abs(runner.run(feed)[0] - ref).max() <= INT8_ATOL_REL * np.abs(ref).max(), target
     finally:
         a76.stop()
+
+
+def test_third_party_onnx_model_goes_to_qdq_onnx_and_integer_tvm(rapidocr_models, tmp_path):
+    """RapidOCR's PaddleOCR direction classifier (an exported third-party model): fp32 ONNX ->
+    quantize -> QDQ ONNX that onnxruntime runs, and TVM x86 / arm64-dotprod builds that use integer
+    dot-product instructions; every artifact is verified against the quantized IR by the compiler."""
+    import json
+
+    from qcompile.backends.tvm.lowering import host_x86_target, resolve
+    from qcompile.cli import main
+
+    src = rapidocr_models["ch_ppocr_mobile_v2.0_cls_infer.onnx"]
+    pipeline = "fold-bn,dead-code,quantize{reduce_range=true}"
+    for target in ("onnxruntime", "tvm-x86"):
+        out = tmp_path / target
+        assert main(["compile", str(src), "-p", pipeline, "-t", target, "-o", str(out),
+                     "--input-shape", "x=1x3x48x192"]) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["verification"]["backend_vs_compressed_ir_rel_error"] <= INT8_ATOL_REL
+    model = onnx.load(tmp_path / "onnxruntime" / "model.onnx")
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) >= 50
+    g = load_onnx(src, {"x": (1, 3, 48, 192)})
+    g = PassManager(parse_pipeline(pipeline)).run(
+        g, PassContext(calibration=[{"x": np.random.default_rng(0).standard_normal((1, 3, 48, 192), np.float32)}]))
+    x86 = _int8_asm(g, host_x86_target())
+    assert x86.count("vpdpbusd" if "avx512vnni" in host_x86_target().features else "vpmaddwd") >= 10
+    assert _int8_asm(g, resolve("arm64-dotprod")).count("sdot") >= 10

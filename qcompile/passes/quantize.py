@@ -51,6 +51,9 @@ class QuantizeOptions:
     size: float = field(default=0.0, metadata={
         "doc": "mixed precision: weight bytes at most this fraction of all-int8 (0.5..1; 0 = off)"})
     bias_correction: bool = field(default=True, metadata={"doc": "correct the mean output shift of rounded weights"})
+    reduce_range: bool = field(default=False, metadata={
+        "doc": "8-bit weights on a 7-bit grid (+-63), for int8 kernels that add byte products in int16 "
+               "(onnxruntime's u8s8 kernels on CPUs without VNNI saturate otherwise)"})
 
 
 class Quantize(Pass):
@@ -131,9 +134,10 @@ class Quantize(Pass):
     def _quantize_layer(self, graph: Graph, node: Node, bits: int, x: np.ndarray | None,
                         x_dq: str | None, x_scale: float | None) -> None:
         w, b = weight_and_bias(graph, node)
-        s = qn.per_channel_scales(w, bits)
-        q = qn.quantize(w, s, bits, axis=0).astype(np.int8)
-        entry = {"pass": self.name, "weight_bits": bits, "act_bits": self.options.act_bits}
+        grid = 7 if bits == 8 and self.options.reduce_range else bits
+        s = qn.per_channel_scales(w, grid)
+        q = qn.quantize(w, s, grid, axis=0).astype(np.int8)
+        entry = {"pass": self.name, "weight_bits": grid, "act_bits": self.options.act_bits}
         if self.options.bias_correction and x is not None:
             shift = _mean_output(node, graph, x, w - qn.dequantize(q, s, axis=0))
             b = (np.zeros(w.shape[0], np.float32) if b is None else b) + shift
