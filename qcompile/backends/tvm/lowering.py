@@ -5,7 +5,7 @@
     layout:    ConvertLayout(conv2d -> NHWC/HWIO), FoldConstant (weights permuted once)
     unsigned:  (x86 + VNNI) int8 activations shifted to uint8 for vpdpbusd
     legalize:  LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
-    schedule:  dlight ApplyDefaultSchedule(qcompile CPU rules)
+    schedule:  dlight ApplyDefaultSchedule(int8 dot-product rules, then the qcompile CPU rules)
     lower:     TVM's cpu_generic dataflow-lower + finalize passes
 
 Targets are described by :class:`CpuTarget` (x86 host / aarch64 cross) in one
@@ -23,6 +23,7 @@ from tvm.s_tir import dlight as dl
 
 from qcompile.backends.tvm.integer_lowering import qdq_to_integer, unsigned_activations
 from qcompile.backends.tvm.relax_builder import to_relax
+from qcompile.backends.tvm.int8_schedules import int8_rules
 from qcompile.backends.tvm.schedules import default_rules
 from qcompile.errors import TargetError
 from qcompile.ir.graph import Graph
@@ -134,7 +135,7 @@ def schedule_passes() -> list:
     compile time by FoldConstant, leaving only the packed constant in the artifact.
     """
     return [relax.transform.AttachAttrLayoutFreeBuffers(),
-            dl.ApplyDefaultSchedule(*default_rules()),
+            dl.ApplyDefaultSchedule(*int8_rules(), *default_rules()),
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination()]
