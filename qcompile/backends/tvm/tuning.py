@@ -81,6 +81,13 @@ def _cost_model() -> str:
         return "random"
 
 
+BUILD_TIMEOUT_S = 300.0
+"""Per-candidate build timeout.  MetaSchedule's default (30 s) is shorter than a fresh build
+worker's start-up on some machines: importing ``tvm.s_tir.tensor_intrin`` alone measured 49 s on a
+2-core EPYC, and every candidate then failed as a build error."""
+RUN_TIMEOUT_S = 120.0
+
+
 def tune_and_choose(mod: tvm.IRModule, target: CpuTarget, trials: int,
                     log: Callable[[str], None] = print) -> ms.database.Database:
     """An in-memory database with the tuned schedule of every kernel where tuning beat the default."""
@@ -100,7 +107,9 @@ def tune_and_choose(mod: tvm.IRModule, target: CpuTarget, trials: int,
         cost_model = _cost_model()
         ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work),
                            max_trials_global=trials * len(contexts), max_trials_per_task=trials,
-                           num_trials_per_iter=min(64, trials), database=db, cost_model=cost_model)
+                           num_trials_per_iter=min(64, trials), database=db, cost_model=cost_model,
+                           builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+                           runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S))
         log(f"tuning: {len(contexts)} kernels x {trials} trials took {time.time() - t0:.0f} s "
             f"({cost_model} cost model)")
     chosen = ms.database.MemoryDatabase()
