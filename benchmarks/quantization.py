@@ -66,10 +66,12 @@ def accuracy(args) -> None:
     for model in args.models:
         base = PassManager(parse_pipeline("fold-bn,dead-code")).run(
             load_model(f"qcompile.models.mnist_nets:{model}").graph)
-        graphs = {"fp32": base}
+        graphs, int4 = {"fp32": base}, {}
         for name, text in CONFIGS.items():
             t = time.time()
-            graphs[name] = PassManager(parse_pipeline(text)).run(base, PassContext(calibration=calib))
+            pm = PassManager(parse_pipeline(text))
+            graphs[name] = pm.run(base, PassContext(calibration=calib))
+            int4[name] = pm.records[-1].stats["int4_layers"]
             print(f"  {model} {name}: quantized in {time.time() - t:.1f}s")
         feed = {"image": xte[:1]}
         timed = interleaved({k: runner_for(g, "tvm-x86", None, feed) for k, g in graphs.items()},
@@ -79,7 +81,7 @@ def accuracy(args) -> None:
             acc = evaluate(g, xte, yte)
             row = {"model": model, "config": name, "pipeline": CONFIGS.get(name, "fold-bn,dead-code"),
                    "accuracy": acc, "drop": a0 - acc, "weight_bytes": weight_bytes(g),
-                   "tvm_x86_ms": float(np.median(timed[name])) * 1e3}
+                   "tvm_x86_ms": float(np.median(timed[name])) * 1e3, "int4_layers": int4.get(name, [])}
             results.append(row)
             print(f"{model:13s} {name:16s} acc {acc:6.2f} % (drop {a0 - acc:+.2f} pt)  weights "
                   f"{row['weight_bytes'] / 1024:8.1f} KiB  tvm-x86 {row['tvm_x86_ms']:.3f} ms")
