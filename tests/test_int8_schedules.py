@@ -1,8 +1,9 @@
 """Integer dot-product schedules (qcompile.backends.tvm.int8_schedules).
 
 The Relax forms are built by hand exactly as the integer-lowering pass emits them (NHWC / HWIO,
-x86: activations shifted to uint8 and padded with 128, compensation subtracted; aarch64: int8
-activations, zero padding inside the conv), legalized and scheduled with the int8 rules first,
+x86 with VNNI: activations shifted to uint8 and padded with 128, compensation subtracted; x86
+without VNNI: non-negative activations (0..127) as uint8, zero padding inside the conv; aarch64:
+int8 activations, zero padding inside the conv), legalized and scheduled with the int8 rules first,
 compiled and run on this machine; integer results must be bit-exact against numpy int64.
 Cross-compiled x86 (AVX512-VNNI) and aarch64 (+dotprod / plain NEON) kernels are checked in the
 assembly only.
@@ -21,13 +22,21 @@ from qcompile.backends.tvm.lowering import host_x86_target, legalize_passes
 from qcompile.backends.tvm.schedules import default_rules
 
 HOST = host_x86_target().tvm_target()
+VNNI_HOST = "avx512vnni" in host_x86_target().features
+"""The x86 form depends on the host: shifted uint8 with VNNI, non-negative int8 as uint8 without."""
 CASCADELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "mtriple": "x86_64-linux-gnu"})
 ARM_DOTPROD = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
 ARM_NEON = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 
 # LLVM intrinsic each kernel's code calls (found in the scheduled TIR when the layer was tensorized)
 LLVM_CALL = {"avx512vnni": "vpdpbusd", "avx512vnni-ymm": "vpdpbusd", "avxvnni": "vpdpbusd",
-             "avx512bw": "pmaddw", "avx2": "pmadd.wd", "sdot": "sdot", "neon": "smull"}
+             "avx512bw": "pmaddw", "avx2": "pmadd.wd", "avx512bw-ubsw": "pmaddubs", "avx2-ubsw": "pmadd.ub.sw",
+             "sdot": "sdot", "neon": "smull"}
+
+
+def x86_activations(rng, shape):
+    """int8 activations the x86 form accepts on this host: any with VNNI, non-negative without."""
+    return rng.integers(-128 if VNNI_HOST else 0, 128, shape).astype("int8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +65,10 @@ def conv_module(shape, co, k, pad, stride, x86, epilogue=False, seed=0):
     with bb.function("main", [x]):
         with bb.dataflow():
             conv = dict(strides=stride, data_layout="NHWC", kernel_layout="HWIO", out_dtype="int32")
-            if x86:
+            if x86 and not VNNI_HOST:
+                acc = bb.emit(relax.op.nn.conv2d(bb.emit(relax.op.astype(x, "uint8")), relax.const(wt),
+                                                 padding=pad, **conv))
+            elif x86:
                 comp = (128 * wt.astype(np.int64).sum((0, 1, 2))).astype("int32").reshape(1, 1, 1, co)
                 xu = bb.emit(relax.op.astype(relax.op.add(relax.op.astype(x, "int32"), relax.const(128, "int32")),
                                              "uint8"))
@@ -81,7 +93,7 @@ def dense_module(m, k, n, x86, seed=0):
     with bb.function("main", [x]):
         with bb.dataflow():
             acc = bb.emit(relax.op.matmul(x, relax.const(wt), out_dtype="int32"))
-            if x86:
+            if x86 and VNNI_HOST:
                 comp = (128 * wt.astype(np.int64).sum(0)).astype("int32")
                 acc = bb.emit(relax.op.subtract(acc, relax.const(comp)))
             out = bb.emit_output(acc)
@@ -162,7 +174,7 @@ def test_conv_x86_form_bit_exact(name):
     shape, co, k, pad, stride = CONVS[name]
     mod, wt, _ = conv_module(shape, co, k, pad, stride, x86=True)
     scheduled, ex, _ = compile_module(mod, HOST)
-    x = np.random.default_rng(1).integers(-128, 128, shape).astype("int8")
+    x = x86_activations(np.random.default_rng(1), shape)
     np.testing.assert_array_equal(run(ex, x), conv_reference(x, wt, pad, stride).astype(np.int32))
     kernel = host_kernel("uint8", co, shape[3])
     tir = kernel_tir(scheduled, "conv2d")
@@ -178,7 +190,7 @@ def test_conv_requantize_epilogue_fused():
     scheduled, ex, _ = compile_module(mod, HOST)
     conv_funcs = [gv.name_hint for gv in scheduled.functions if "conv2d" in gv.name_hint]
     assert len(conv_funcs) == 1 and "round" in conv_funcs[0], conv_funcs  # epilogue fused in the conv
-    x = np.random.default_rng(2).integers(-128, 128, shape).astype("int8")
+    x = x86_activations(np.random.default_rng(2), shape)
     acc = conv_reference(x, wt, pad, stride).astype(np.float32)
     ref = np.clip(np.round(np.maximum(acc * scale + bias, 0) * inv_out), -128, 127)
     out = run(ex, x)
@@ -195,8 +207,8 @@ def test_dense_x86_form_bit_exact(name):
     m, k, n = DENSES[name]
     mod, wt = dense_module(m, k, n, x86=True)
     scheduled, ex, _ = compile_module(mod, HOST)
-    x = np.random.default_rng(3).integers(0, 256, (m, k)).astype("uint8")
-    ref = x.astype(np.int64) @ wt.astype(np.int64) - 128 * wt.astype(np.int64).sum(0)
+    x = np.random.default_rng(3).integers(0, 256 if VNNI_HOST else 128, (m, k)).astype("uint8")
+    ref = x.astype(np.int64) @ wt.astype(np.int64) - (128 * wt.astype(np.int64).sum(0) if VNNI_HOST else 0)
     np.testing.assert_array_equal(run(ex, x), ref.astype(np.int32))
     kernel = host_kernel("uint8", n, k)
     if kernel is not None:

@@ -6,8 +6,9 @@ anchor is an exact integer reduction followed by the layer's elementwise epilogu
     conv2d_nhwc[n, h, w, co] += int32(A[n, h*s + kh*d, w*s + kw*d, ci]) * int32(W[kh, kw, ci, co])
     matmul[i, j]             += int32(X[i, k]) * int32(W[k, j])
 
-A is ``uint8`` on x86 (activations shifted by +128, the pass subtracts ``128 * sum(W)``
-afterwards) and ``int8`` on aarch64; W is an ``int8`` constant (layout-free, so it is repacked at
+A is ``uint8`` on x86 with VNNI (activations shifted by +128, the pass subtracts ``128 * sum(W)``
+afterwards), ``uint8`` holding 0..127 or ``int8`` on x86 without VNNI (non-negative activations
+are passed as uint8) and ``int8`` on aarch64; W is an ``int8`` constant (layout-free, so it is repacked at
 compile time); the accumulator is ``int32``.  The epilogue (compensation, scale, bias, activation,
 requantization) is applied while the accumulator tile is written back.
 
@@ -143,6 +144,33 @@ def _pmaddwd_impl(lanes: int, a_dtype: str):
     return impl
 
 
+def _pmaddubsw_impl(lanes: int):
+    """x86 without VNNI, activations in [0, 127]: ``vpmaddubsw`` multiplies unsigned by signed bytes
+    and adds adjacent pairs into int16 (saturating, but |a0 b0 + a1 b1| <= 2 * 127 * 128 = 32512
+    cannot saturate when a <= 127), then ``vpmaddwd`` with ones adds the pairs into int32: four byte
+    products per int32 lane, the VNNI layout, in two instructions instead of one."""
+    bits = lanes * 32
+    ubs, wd = (("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd") if bits == 256 else
+               ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"))
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(ubs), T.reinterpret(T.broadcast(a32, lanes), dtype=f"int8x{4 * lanes}"),
+                B.vload([0, 0], dtype=f"int8x{4 * lanes}"), dtype=f"int16x{2 * lanes}")
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=f"int32x{lanes}") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(wd), pairs, T.broadcast(T.int16(1), 2 * lanes), dtype=f"int32x{lanes}")
+
+    return impl
+
+
 def _vpdpbusd_impl(lanes: int):
     """``vpdpbusd`` on ``lanes`` int32 (16: AVX512-VNNI zmm, 8: AVX-VNNI / AVX512VL ymm).
 
@@ -252,6 +280,8 @@ def _kernels() -> dict[str, DotKernel]:
           DotKernel(_register("qcompile_neon_4x4_i8i8i32", _dot_desc(4, 4, "int8"), _neon_impl()),
                     4, 4, "int8", 32, "neon")]
     for lanes, regs, isa in ((16, 32, "avx512bw"), (8, 16, "avx2")):
+        ks.append(DotKernel(_register(f"qcompile_pmaddubsw_{lanes}x4_u7i8i32", _dot_desc(lanes, 4, "uint8"),
+                                      _pmaddubsw_impl(lanes)), lanes, 4, "uint8", regs, f"{isa}-ubsw"))
         for a_dtype in ("uint8", "int8"):
             name = f"qcompile_pmaddwd_{lanes}x2_{a_dtype[0]}8i8i32"
             ks.append(DotKernel(_register(name, _dot_desc(lanes, 2, a_dtype), _pmaddwd_impl(lanes, a_dtype)),
@@ -288,6 +318,8 @@ def candidate_kernels(target: Target, a_dtype: str) -> list[DotKernel]:
                 order.append("avx512vnni-ymm")
         if "avxvnni" in feats:
             order.append("avxvnni")
+        if not order:  # no VNNI: uint8 activations are in [0, 127] (integer_lowering), vpmaddubsw is exact
+            order += [isa for f, isa in (("avx512bw", "avx512bw-ubsw"), ("avx2", "avx2-ubsw")) if f in feats]
         if "avx512bw" in feats:
             order.append("avx512bw")
         if "avx2" in feats:

@@ -16,11 +16,14 @@ into layout-transparent elementwise ops (``round(x / s) + zp`` clamped and cast;
 so ConvertLayout can move them to NHWC with the convolutions.  Only symmetric int8 operands with
 ``groups == 1`` take the integer path; anything else stays float (correct, not faster).
 
-:func:`unsigned_activations` (after ConvertLayout, x86 with AVX-512 VNNI) prepares the integer
-convolutions for ``vpdpbusd``, which multiplies *unsigned* by signed bytes:
-``x_u = x + 128`` (the input is padded explicitly with 128, i.e. a real zero), and
+:func:`unsigned_activations` (after ConvertLayout, x86) prepares the integer convolutions for
+the instructions that multiply *unsigned* by signed bytes.  With VNNI (``vpdpbusd``, exact for any
+bytes): ``x_u = x + 128`` (the input is padded explicitly with 128, i.e. a real zero), and
 ``sum_k x_k w_k = sum_k x_u,k w_k - 128 sum_k w_k``; the per-channel compensation
-``128 sum_k w_k`` is a compile-time constant subtracted from the accumulator.
+``128 sum_k w_k`` is a compile-time constant subtracted from the accumulator.  Without VNNI
+(``vpmaddubsw``, exact only for unsigned bytes <= 127): activations that are provably
+non-negative (a quantized ReLU / max-pool output: the int8 values are 0..127) are reinterpreted
+as uint8 with no shift; the others stay int8 (and use ``vpmaddwd``).
 """
 
 from __future__ import annotations
@@ -182,11 +185,49 @@ def qdq_to_integer(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     return mod, count
 
 
+_PASS_THROUGH = {tvm.ir.Op.get(f"relax.{n}") for n in ("astype", "round", "nn.max_pool2d", "permute_dims",
+                                                         "reshape")}
+_NONNEG = {tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu",)}
+_POSITIVE_SCALE = {tvm.ir.Op.get(f"relax.{n}") for n in ("divide", "multiply")}
+_MAXIMUM, _MINIMUM = tvm.ir.Op.get("relax.maximum"), tvm.ir.Op.get("relax.minimum")
+
+
 @relax.expr_functor.mutator
 class _UnsignedActivations(relax.PyExprMutator):
-    def __init__(self, mod):
+    def __init__(self, mod, vnni: bool):
         super().__init__(mod)
         self.rewritten = 0
+        self.vnni = vnni
+
+    def _nonnegative(self, e, depth: int = 0) -> bool:
+        """Whether ``e`` is provably >= 0: a ReLU (or max with a non-negative constant) followed only
+        by order-preserving ops (rounding, casts, clamps from above, positive scaling, max-pool,
+        layout changes)."""
+        if depth > 16 or not isinstance(e, relax.Var):
+            return False
+        call = self.lookup_binding(e)
+        if not isinstance(call, relax.Call):
+            return False
+        if any(call.op.same_as(op) for op in _NONNEG):
+            return True
+        if call.op.same_as(_MAXIMUM):
+            c = _const(call.args[1])
+            return (c is not None and bool(np.all(c >= 0))) or self._nonnegative(call.args[0], depth + 1)
+        if call.op.same_as(_MINIMUM):
+            c = _const(call.args[1])
+            return c is not None and bool(np.all(c >= 0)) and self._nonnegative(call.args[0], depth + 1)
+        if any(call.op.same_as(op) for op in _POSITIVE_SCALE):
+            c = _const(call.args[1])
+            return c is not None and bool(np.all(c > 0)) and self._nonnegative(call.args[0], depth + 1)
+        if any(call.op.same_as(op) for op in _PASS_THROUGH):
+            return self._nonnegative(call.args[0], depth + 1)
+        return False
+
+    def _unsigned(self, x):
+        """uint8 view of non-negative int8 activations (values 0..127), or None."""
+        if not self._nonnegative(x):
+            return None
+        return self.builder_.emit(relax.op.astype(x, "uint8"))
 
     def _shifted(self, x):
         """``x + 128`` as uint8 (int8 -> uint8 keeping order)."""
@@ -209,6 +250,14 @@ class _UnsignedActivations(relax.PyExprMutator):
         if wv is None or _dtype(x) != "int8" or wv.dtype != np.int8 or str(a.out_dtype) != "int32" \
                 or str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "HWIO" or int(a.groups) != 1:
             return None
+        if not self.vnni:
+            xu = self._unsigned(x)
+            if xu is None:
+                return None
+            self.rewritten += 1
+            return relax.op.nn.conv2d(xu, w, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=1,
+                                      data_layout="NHWC", kernel_layout="HWIO", out_layout=a.out_layout,
+                                      out_dtype="int32")
         top, left, bottom, right = (int(p) for p in a.padding)
         xu = self._shifted(x)
         if top or left or bottom or right:
@@ -226,14 +275,21 @@ class _UnsignedActivations(relax.PyExprMutator):
         if wv is None or _dtype(x) != "int8" or wv.dtype != np.int8 or wv.ndim != 2 \
                 or str(call.attrs.out_dtype) != "int32":
             return None
+        if not self.vnni:
+            xu = self._unsigned(x)
+            if xu is None:
+                return None
+            self.rewritten += 1
+            return relax.op.matmul(xu, w, out_dtype="int32")
         acc = self.builder_.emit(relax.op.matmul(self._shifted(x), w, out_dtype="int32"))
         self.rewritten += 1
         return relax.op.subtract(acc, relax.const((128 * wv.astype(np.int64).sum(axis=0)).astype(np.int32)))
 
 
-def unsigned_activations(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """Shift int8 activations of integer conv / matmul to uint8 for VNNI (module docstring)."""
-    rewriter = _UnsignedActivations(mod)
+def unsigned_activations(mod: tvm.IRModule, vnni: bool = True) -> tuple[tvm.IRModule, int]:
+    """uint8 activations for integer conv / matmul on x86: shifted by 128 with VNNI, the provably
+    non-negative ones as they are without (module docstring)."""
+    rewriter = _UnsignedActivations(mod, vnni)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))

@@ -3,7 +3,8 @@
     to_relax(graph)                                  NCHW Relax, constants embedded
     integer:   qdq_to_integer (dequantize -> conv/matmul as int8 x int8 -> int32)
     layout:    ConvertLayout(conv2d -> NHWC/HWIO), FoldConstant (weights permuted once)
-    unsigned:  (x86 + VNNI) int8 activations shifted to uint8 for vpdpbusd
+    unsigned:  (x86) uint8 activations: shifted by 128 for vpdpbusd (VNNI), else the non-negative
+               ones as they are for vpmaddubsw
     legalize:  LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
     schedule:  dlight ApplyDefaultSchedule(int8 dot-product rules, then the qcompile CPU rules)
     lower:     TVM's cpu_generic dataflow-lower + finalize passes
@@ -152,8 +153,8 @@ def lower_to_tir(graph: Graph, target: CpuTarget, tune_trials: int = 0, log=prin
     tgt = target.tvm_target()
     with tgt:
         mod = tvm.ir.transform.Sequential(layout_passes())(mod)
-        if "avx512vnni" in target.features:
-            mod, _ = unsigned_activations(mod)
+        if target.name == "x86" and {"avx2", "avx512bw"} & set(target.features):
+            mod, _ = unsigned_activations(mod, vnni="avx512vnni" in target.features)
         mod = tvm.ir.transform.Sequential(legalize_passes())(mod)
     if tune_trials > 0:
         from qcompile.backends.tvm.tuning import apply_choices, tune_and_choose
