@@ -135,11 +135,10 @@ class Quantize(Pass):
                         x_dq: str | None, x_scale: float | None) -> None:
         w, b = weight_and_bias(graph, node)
         grid = 7 if bits == 8 and self.options.reduce_range else bits
-        s = qn.per_channel_scales(w, grid)
-        q = qn.quantize(w, s, grid, axis=0).astype(np.int8)
+        q, s = _per_channel(w, grid)
         entry = {"pass": self.name, "weight_bits": grid, "act_bits": self.options.act_bits}
         if self.options.bias_correction and x is not None:
-            shift = _mean_output(node, graph, x, w - qn.dequantize(q, s, axis=0))
+            shift = _mean_output(node, x, w - qn.dequantize(q, s, axis=0))
             b = (np.zeros(w.shape[0], np.float32) if b is None else b) + shift
             entry["bias_correction_max"] = round(float(np.abs(shift).max()), 6)
         if x_scale is not None:
@@ -155,6 +154,12 @@ class Quantize(Pass):
                                           else node.name + ".bias", np.asarray(b, np.float32)))
         node.inputs = ins
         node.add_provenance(**entry)
+
+
+def _per_channel(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(q int8, s)``: ``w`` on the symmetric ``bits``-bit grid with one scale per output channel."""
+    s = qn.per_channel_scales(w, bits)
+    return qn.quantize(w, s, bits, axis=0).astype(np.int8), s
 
 
 def _insert_qdq(graph: Graph, first_reader: Node, x: str, scale: float, bits: int) -> str:
@@ -179,7 +184,7 @@ def _apply(node: Node, x, w):
     return F.linear(x, w)
 
 
-def _mean_output(node: Node, graph: Graph, x: np.ndarray, dw: np.ndarray) -> np.ndarray:
+def _mean_output(node: Node, x: np.ndarray, dw: np.ndarray) -> np.ndarray:
     """``E[layer(x; dW)]`` per output channel over batch and positions.  The layer is linear in
     ``x``, so the batch mean goes inside: one evaluation on the mean input."""
     import torch
@@ -195,8 +200,7 @@ def _output_error(graph: Graph, node: Node, x: np.ndarray, bits: int, samples: i
     import torch
 
     w, _ = weight_and_bias(graph, node)
-    s = qn.per_channel_scales(w, bits)
-    wq = qn.dequantize(qn.quantize(w, s, bits, axis=0), s, axis=0)
+    wq = qn.dequantize(*_per_channel(w, bits), axis=0)
     with torch.no_grad():
         ref, got = _apply(node, x[:samples], w), _apply(node, x[:samples], wq)
     return float(torch.linalg.norm(ref - got) / max(float(torch.linalg.norm(ref)), 1e-30))

@@ -176,13 +176,18 @@ def qdq_to_integer(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     calls now compute in integers."""
     count = 0
     for expand in (False, True):
-        rewriter = _QDQToInteger(mod, expand)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-        count += rewriter.rewritten
+        mod, n = _rewrite(mod, _QDQToInteger(mod, expand))
+        count += n
     return mod, count
+
+
+def _rewrite(mod: tvm.IRModule, rewriter) -> tuple[tvm.IRModule, int]:
+    """Run ``rewriter`` over every Relax function of ``mod``, drop what became dead; returns the
+    module and the rewriter's count of rewritten calls."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), rewriter.rewritten
 
 
 _PASS_THROUGH = {tvm.ir.Op.get(f"relax.{n}") for n in ("astype", "round", "nn.max_pool2d", "permute_dims",
@@ -289,8 +294,4 @@ class _UnsignedActivations(relax.PyExprMutator):
 def unsigned_activations(mod: tvm.IRModule, vnni: bool = True) -> tuple[tvm.IRModule, int]:
     """uint8 activations for integer conv / matmul on x86: shifted by 128 with VNNI, the provably
     non-negative ones as they are without (module docstring)."""
-    rewriter = _UnsignedActivations(mod, vnni)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), rewriter.rewritten
+    return _rewrite(mod, _UnsignedActivations(mod, vnni))

@@ -61,8 +61,6 @@ def host_x86_target(mcpu: str | None = None) -> CpuTarget:
     verified on this machine): asking for AVX-512 code on a host without it is refused up front
     instead of dying with SIGILL.
     """
-    import os
-
     from tvm.target import codegen
 
     host = codegen.llvm_get_system_cpu()
