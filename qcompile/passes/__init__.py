@@ -11,6 +11,8 @@ from qcompile.passes.cp_decomp import CPDecomposition
 from qcompile.passes.dead_code import DeadCode
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.lowrank_svd import LowRankSVD
+from qcompile.passes.prune_channels import PruneChannels
+from qcompile.passes.qaf import QAF
 from qcompile.passes.quantize import Quantize
 from qcompile.passes.spatial_svd import SpatialSVD
 from qcompile.passes.tucker2 import Tucker2
@@ -18,8 +20,9 @@ from qcompile.passes.manager import PassManager, Sequential
 from qcompile.passes.pipeline import format_pipeline, parse_pipeline
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, DeadCode, AnnotateCosts, LowRankSVD, SpatialSVD,
-                                                     Tucker2, CPDecomposition, ChannelDecomposition, Quantize)}
+                                                     Tucker2, CPDecomposition, ChannelDecomposition, Quantize,
+                                                     PruneChannels, QAF)}
 
 __all__ = ["PASSES", "AnnotateCosts", "CPDecomposition", "ChannelDecomposition", "DeadCode", "FoldBatchNorm",
-           "LowRankSVD", "Quantize", "SpatialSVD", "Tucker2", "Pass", "PassContext", "PassManager",
+           "LowRankSVD", "PruneChannels", "Quantize", "SpatialSVD", "Tucker2", "Pass", "PassContext", "PassManager",
            "PassResult", "Sequential", "format_pipeline", "parse_pipeline"]

@@ -1,0 +1,1 @@
+"""Structured channel pruning: coupled channel groups, selection criteria, budgets, the rewrite."""
