@@ -18,6 +18,10 @@ For each selected layer ``y = conv(x, W) + b``:
   taken in increasing order of output-error increase per byte saved (the relative output error of
   int4 vs int8 weights, measured on calibration inputs).
 
+Layers whose weight is already ``dequantize_linear`` of constants (fitted on the grid by ``qaf``)
+keep that weight: only their activation gets the QDQ pair (and no bias correction: there is no
+float weight whose rounding shift to correct); they are not candidates for ``int4`` / ``size``.
+
 The result is a standard QDQ graph: the torch reference runs it in float (exactly what the integers
 mean), onnxruntime runs it as QDQ, and the TVM backend lowers each ``dequantize -> conv`` to
 int8 x int8 -> int32 arithmetic.  Factorized layers are quantized factor by factor.
@@ -66,7 +70,8 @@ class Quantize(Pass):
         o = self.options
         self._check_options()
         nodes = targets(graph, ("conv2d", "linear"), o.layers, o.exclude)
-        if not nodes:
+        kept = _weight_quantized(graph, o.layers, o.exclude) if o.act_bits else []
+        if not nodes and not kept:
             return PassResult(graph, False, {"quantized": 0})
         needs_data = o.act_bits or o.bias_correction or o.size
         if needs_data and not ctx.calibration:
@@ -75,21 +80,30 @@ class Quantize(Pass):
                 f"calibration data: pass --calib FILE, use a model with calibration_data(), or set act_bits=0, "
                 f"bias_correction=false")
         feeds = list(ctx.calibration or [])[:CALIBRATION_LIMIT]
-        inputs = sorted({n.inputs[0] for n in nodes})
+        inputs = sorted({n.inputs[0] for n in nodes + kept})
         acts = capture(graph, feeds, inputs) if needs_data else {}
         bits = self._weight_bits(graph, nodes, acts)
         scales = {v: self._act_scale(acts[v]) for v in inputs} if o.act_bits else {}
+        kept_bits = {n.name: _kept_weight_bits(graph, n) for n in kept}
         qdq: dict[str, str] = {}
-        for node in nodes:
+        for node in [n for n in graph.nodes if n.name in bits or n.name in kept_bits]:  # graph order
             x = node.inputs[0]
             if o.act_bits and x not in qdq:
                 qdq[x] = _insert_qdq(graph, node, x, scales[x], o.act_bits)
+            if node.name in kept_bits:
+                node.inputs[0] = qdq[x]
+                node.add_provenance(**{"pass": self.name, "weight_bits": kept_bits[node.name], "weights": "kept",
+                                       "act_bits": o.act_bits, "act_scale": float(scales[x]),
+                                       "observer": o.observer})
+                continue
             self._quantize_layer(graph, node, bits[node.name], acts.get(x), qdq.get(x), scales.get(x))
         graph.remove_unused_constants()
         int4 = sorted(n for n, b in bits.items() if b == 4)
-        w_bytes = sum(graph.types[n.inputs[1]].numel * bits[n.name] / 8 for n in nodes)
-        return PassResult(graph, True, {"quantized": len(nodes), "int4_layers": int4,
-                                        "weight_bytes": int(w_bytes), "activation_tensors": len(qdq)})
+        w_bytes = sum(graph.types[n.inputs[1]].numel * bits[n.name] / 8 for n in nodes) + \
+            sum(graph.types[n.inputs[1]].numel * kept_bits[n.name] / 8 for n in kept)
+        return PassResult(graph, True, {"quantized": len(nodes) + len(kept), "weights_kept": len(kept),
+                                        "int4_layers": int4, "weight_bytes": int(w_bytes),
+                                        "activation_tensors": len(qdq)})
 
     # ------------------------------------------------------------------ choices
     def _check_options(self) -> None:
@@ -154,6 +168,34 @@ class Quantize(Pass):
                                           else node.name + ".bias", np.asarray(b, np.float32)))
         node.inputs = ins
         node.add_provenance(**entry)
+
+
+def _weight_quantized(graph: Graph, layers: str, exclude: str) -> list[Node]:
+    """Selected conv / linear layers whose weight is already ``dequantize_linear`` of constants
+    (e.g. fitted on the grid by ``qaf``) and whose input is not quantized yet: their weights are
+    kept as they are; only their activation is quantized (no bias correction: there is no float
+    weight to correct towards)."""
+    prod = graph.producers()
+    out = []
+    for n in graph.nodes:
+        if n.op not in ("conv2d", "linear") or not matches(n.name, layers) or (exclude and matches(n.name, exclude)):
+            continue
+        dq, x = prod.get(n.inputs[1]), prod.get(n.inputs[0])
+        if dq is None or dq.op != "dequantize_linear" or not all(v in graph.constants for v in dq.inputs if v):
+            continue
+        if any(v and v not in graph.constants for v in n.inputs[2:]) or (x is not None and x.op == "dequantize_linear"):
+            continue
+        out.append(n)
+    return out
+
+
+def _kept_weight_bits(graph: Graph, node: Node) -> int:
+    """The grid width of an already quantized weight: as recorded by the pass that quantized it
+    (e.g. 6 for ``qaf{bits=6}``), else the ``dequantize_linear`` storage width."""
+    for entry in reversed(node.meta.get("provenance", [])):
+        if "weight_bits" in entry:
+            return int(entry["weight_bits"])
+    return int(graph.producers()[node.inputs[1]].attrs["bits"])
 
 
 def _per_channel(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
