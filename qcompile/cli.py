@@ -1,4 +1,4 @@
-"""Command line: ``qcompile compile | passes | inspect | run``.
+"""Command line: ``qcompile compile | finetune | passes | inspect | run | bench``.
 
 Exit codes: 0 success, 2 usage or input error (bad model, pipeline, shape, target),
 1 internal error (a bug, or an artifact that failed verification).
@@ -56,6 +56,67 @@ def _cmd_compile(args: argparse.Namespace) -> int:
           f"max rel error {v['max_rel_error']:.3g}")
     for name, f in m["files"].items():
         print(f"  {name}  {f['bytes']:,} bytes  sha256 {f['sha256'][:16]}...")
+    return 0
+
+
+def _finetune_source(args: argparse.Namespace) -> tuple[str, str, str, list[str]]:
+    """(model spec, pipeline, target, input shapes) from the arguments, or from the manifest when
+    MODEL is an artifact directory (its source model and pipeline; a previous finetune is replaced)."""
+    from qcompile.artifact import MANIFEST, read_manifest
+    from qcompile.finetune import Finetune
+    from qcompile.passes import PASSES, format_pipeline, parse_pipeline
+    from qcompile.targets import get_target
+
+    src = Path(args.model)
+    if not (src.is_dir() and (src / MANIFEST).exists()):
+        if src.is_dir():
+            raise InputError(f"'{src}' is a directory without {MANIFEST}: give a model (.onnx or module:factory) "
+                             "or an artifact directory written by `qcompile compile`")
+        return args.model, args.pipeline or "", args.target or "onnxruntime", list(args.input_shape)
+    if args.pipeline is not None:
+        raise InputError(f"-p/--pipeline cannot be combined with the artifact '{src}': its manifest's pipeline "
+                         "is used (give the original model to choose another pipeline)")
+    m = read_manifest(src)
+    spec = (m.get("source") or {}).get("spec")
+    if not spec:
+        raise InputError(f"artifact '{src}' does not record its source model (manifest source.spec)")
+    target = args.target or m["target"]["name"]
+    passes = parse_pipeline(m.get("pipeline") or "", {**PASSES, Finetune.name: Finetune})
+    phases = parse_pipeline(",".join(get_target(m["target"]["name"]).phases))
+    if phases and passes[-len(phases):] == phases:
+        passes = passes[:-len(phases)]
+    pipeline = format_pipeline([p for p in passes if not isinstance(p, Finetune)])
+    shapes = list(args.input_shape) or [f"{i['name']}={'x'.join(map(str, i['shape']))}" for i in m["inputs"]]
+    return spec, pipeline, target, shapes
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from qcompile.compiler import CompileOptions
+    from qcompile.finetune import FinetuneOptions, finetune_model
+    from qcompile.frontends import parse_input_shapes
+
+    spec, pipeline, target, shapes = _finetune_source(args)
+    ft = FinetuneOptions(data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         patience=args.patience, kd_weight=args.kd_weight, temperature=args.temperature,
+                         learn_scales=not args.fixed_scales, seed=args.seed)
+    opts = CompileOptions(input_shapes=parse_input_shapes(shapes), calibration=args.calib,
+                          num_calibration=args.num_calib, max_rel_error=args.max_rel_error, force=args.force)
+    result = finetune_model(spec, pipeline, target, args.out, ft, opts, progress=not args.quiet)
+    m = result.manifest
+    st = next(r for r in m["passes"] if r["name"] == "finetune")["stats"]
+    v = m["verification"]
+
+    def pct(x) -> str:
+        return "n/a" if x is None else f"{x:.2f} %"
+    print(f"fine-tuned {spec} -> {result.out_dir} [target {m['target']['name']}]")
+    print(f"  pipeline: {m['pipeline']}")
+    print(f"  {'quantization-aware ' if st['qat'] else ''}fine-tune on {st['data']}: {st['epochs_run']} epoch(s), "
+          f"best epoch {st['best_epoch']}{' (diverged)' if st['diverged'] else ''}")
+    print(f"  validation accuracy {pct(st['val_acc_before'])} -> {pct(st['val_acc_after'])}")
+    if "test_acc_before" in st:
+        print(f"  test accuracy {pct(st['test_acc_before'])} -> {pct(st['test_acc_after'])}")
+    print(f"  verified on {v['feeds']} feeds ({v['calibration']}): max rel error vs original {v['max_rel_error']:.3g}, "
+          f"vs fine-tuned IR {v['backend_vs_compressed_ir_rel_error']:.3g}")
     return 0
 
 
@@ -189,6 +250,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     c.add_argument("--repro-dir", help="where a failing compile writes its reproducer (default: cache dir)")
     c.set_defaults(fn=_cmd_compile)
+
+    f = sub.add_parser("finetune", help="compile with a fine-tune (quantization-aware for quantized pipelines) "
+                                        "on real labelled data, distilling from the original model")
+    f.add_argument("model", help="an .onnx file, module:factory, or an artifact directory (its source model, "
+                                 "pipeline and target are reused)")
+    f.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
+                   help="static shape for an input (specialises dynamic dims); repeatable")
+    f.add_argument("-p", "--pipeline", default=None, help="pipeline run before fine-tuning, e.g. "
+                                                           "'fold-bn,quantize{weight_bits=4}'")
+    f.add_argument("-t", "--target", default=None, help="target name (default: onnxruntime, or the artifact's)")
+    f.add_argument("-o", "--out", required=True, help="output directory (created atomically)")
+    f.add_argument("--data", default="digits", help="training data: digits, mnist (bundled real data, fixed "
+                                                    "train/val/test split) or an .npz with x_train, y_train, "
+                                                    "optional x_val, y_val, x_test, y_test")
+    f.add_argument("--epochs", type=int, default=5, help="maximum epochs (default 5)")
+    f.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, weights and scales (default 1e-3)")
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--patience", type=int, default=2, help="stop after N epochs without validation gain")
+    f.add_argument("--kd-weight", type=float, default=0.5, help="distillation loss weight in [0, 1] (default 0.5)")
+    f.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
+    f.add_argument("--fixed-scales", action="store_true", help="QAT: keep the calibrated quantization scales")
+    f.add_argument("--seed", type=int, default=0, help="batch order seed")
+    f.add_argument("--calib", help=".npy (N, ...) or .npz keyed by input name: real calibration samples")
+    f.add_argument("--num-calib", type=int, default=16, help="calibration feeds used for verification")
+    f.add_argument("--max-rel-error", type=float, help="fail if the artifact's relative error exceeds this")
+    f.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    f.set_defaults(fn=_cmd_finetune)
 
     p = sub.add_parser("passes", help="list passes (with options) and targets")
     p.set_defaults(fn=_cmd_passes)

