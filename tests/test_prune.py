@@ -216,3 +216,18 @@ def test_pruned_digits_model_recovers_with_finetune(digits, criterion):
                    patience=4, lr=3e-3, progress=False)
     verify(res.graph)
     assert _acc(res.graph, xte, yte) >= _acc(loaded.graph, xte, yte) - 2.0
+
+
+def test_latency_budget_times_pruned_variants_and_meets_the_chosen_ratio():
+    """latency=R builds the model pruned at `probes` keep ratios on the backend and times them; the
+    result prunes to the interpolated ratio (timings are noisy, so only the mechanics are asserted:
+    every probe measured, fewer MACs than the original, and an unreachable budget refused)."""
+    g = build_cnn(4, [("conv", 64), ("res", 64), ("conv", 64)], head_gap=True, hidden=0, size=32)
+    pm = PassManager(parse_pipeline("prune-channels{latency=0.6,probes=3,multiple=4}"))
+    out = pm.run(g)
+    stats = pm.records[-1].stats
+    assert set(stats["measured_latency_s"]) == {"original", "0.5", "0.0"}
+    assert all(t > 0 for t in stats["measured_latency_s"].values())
+    assert compute_macs(out) < compute_macs(g), stats["measured_latency_s"]
+    with pytest.raises(PipelineError, match="latency=0.001 is impossible on onnxruntime"):
+        PassManager(parse_pipeline("prune-channels{latency=0.001,probes=2}")).run(g)
