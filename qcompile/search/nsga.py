@@ -1,0 +1,301 @@
+"""Multi-objective compression search: NSGA-II (pymoo) over per-layer configurations.
+
+Objectives, all minimised, of a model built with one :class:`~qcompile.search.space.LayerConfig`
+per layer:
+
+* proxy error: relative L2 error ``||y - y_ref|| / ||y_ref||`` of the model's outputs on the
+  calibration feeds (torch reference interpreter) against the original model;
+* latency: the sum of the layers' *measured* latencies on ``backend`` under their configurations
+  (each (layer, configuration) built alone and timed once per workload,
+  :class:`~qcompile.search.latency_cache.LatencyCache`); layers not measured yet are estimated by a
+  :class:`~qcompile.search.predictor.LatencyPredictor` refit after every measurement batch;
+* weight bytes of the searched layers plus every other constant.
+
+Constraints (``Budget``): latency <= ``latency`` x the all-fp32 per-layer latency sum, weight bytes
+<= ``memory`` x the original's, proxy error <= ``max_error``.
+
+With ``use_predictor`` only every layer's fp32 configuration (the baseline) and ``seed_measurements``
+random pairs are measured up front; after each generation, the unmeasured (layer, configuration)
+pairs used by the current non-dominated feasible individuals are measured (at most
+``measure_per_generation``, the most used first) and the predictor refit.  At the end the
+finalists' pairs are all measured and the front recomputed until it consists of fully measured
+points only.  Without the predictor every pair of the space is measured before the search.  The
+result records how many (layer, configuration) pairs had to be measured vs the size of the space
+(``measurements_saved``) and how many distinct workloads were actually timed (cache misses; layers
+of equal shapes share one).
+
+The front returned is the non-dominated set of feasible, fully measured points of every
+evaluation; if no evaluated point is feasible, the result says which budget failed and the best
+value reached for it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from qcompile.ir.graph import Graph
+from qcompile.search.latency_cache import LatencyCache
+from qcompile.search.predictor import LatencyPredictor
+from qcompile.search.space import FP32, LayerConfig, SearchSpace
+
+
+@dataclass(frozen=True)
+class Budget:
+    latency: float | None = None  # ratio of the all-fp32 per-layer latency sum
+    memory: float | None = None  # ratio of the original weight bytes
+    max_error: float | None = None  # proxy relative output error
+
+
+@dataclass
+class Point:
+    configs: dict[str, str]
+    error: float
+    latency_s: float
+    latency_ratio: float
+    weight_bytes: float
+    memory_ratio: float
+    measured: bool
+
+    def objectives(self) -> tuple[float, float, float]:
+        return (self.error, self.latency_s, self.weight_bytes)
+
+
+@dataclass
+class SearchResult:
+    front: list[Point]
+    feasible: bool
+    message: str
+    budget: Budget
+    backend: str
+    baseline_latency_s: float
+    baseline_bytes: float
+    measurements: int  # distinct workloads timed in this search (cache misses)
+    space_size: int  # (layer, configuration) pairs: what measuring every candidate would time
+    pairs_measured: int = 0  # pairs whose latency is measured (from the cache or timed), not predicted
+    cache: dict = field(default_factory=dict)
+    evaluations: int = 0
+    generations: int = 0
+    wall_s: float = 0.0
+    best: dict = field(default_factory=dict)  # best value reached per objective (feasible or not)
+
+    @property
+    def measurements_saved(self) -> int:
+        return self.space_size - self.pairs_measured
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["measurements_saved"] = self.measurements_saved
+        return d
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def non_dominated(points: Sequence[Point]) -> list[Point]:
+    out = []
+    for p in points:
+        if not any(dominates(q.objectives(), p.objectives()) for q in points if q is not p):
+            if not any(q.objectives() == p.objectives() for q in out):  # one representative per value
+                out.append(p)
+    return sorted(out, key=lambda p: p.latency_s)
+
+
+class _Evaluator:
+    """Objectives of genomes, with the model-building/error part memoised per genome."""
+
+    def __init__(self, space: SearchSpace, cache: LatencyCache, predictor: LatencyPredictor | None):
+        self.space = space
+        self.cache = cache
+        self.predictor = predictor
+        self.known: dict[tuple[str, LayerConfig], float] = {}
+        self.features = {(la.name, c): space.features(la.name, c) for la in space.layers for c in la.choices}
+        self.ref = self._outputs(space.graph)
+        self.errors: dict[tuple[int, ...], float] = {}
+        self.other_bytes = space.other_bytes()
+        self.measured_pairs: set[tuple[str, LayerConfig]] = set()
+
+    def _outputs(self, graph: Graph) -> list[np.ndarray]:
+        """The graph's outputs on every calibration feed (reference interpreter, batched)."""
+        from qcompile.factorize.layers import capture
+
+        got = capture(graph, self.space.calibration, graph.outputs)
+        return [got[v] for v in graph.outputs]
+
+    def measure(self, pairs) -> None:
+        pairs = [p for p in dict.fromkeys(pairs) if p not in self.known]
+        if not pairs:
+            return
+        got = self.cache.measure({p: self.space.layer_graph(*p) for p in pairs})
+        self.known.update(got)
+        if self.predictor is not None:
+            self.predictor.fit(self.features, self.known)
+
+    def latency(self, name: str, cfg: LayerConfig) -> float:
+        if (name, cfg) in self.known:
+            return self.known[(name, cfg)]
+        return float(self.predictor.predict(self.features[(name, cfg)])[0])
+
+    def error(self, genome: tuple[int, ...]) -> float:
+        if genome not in self.errors:
+            outs = self._outputs(self.space.build(self.space.decode(genome)))
+            num = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outs, self.ref))
+            den = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in self.ref)
+            self.errors[genome] = float(np.sqrt(num / max(den, 1e-30)))
+        return self.errors[genome]
+
+    def point(self, genome: tuple[int, ...], base_lat: float, base_bytes: float) -> Point:
+        configs = self.space.decode(genome)
+        lat = sum(self.latency(n, c) for n, c in configs.items())
+        wbytes = self.other_bytes + sum(self.space.weight_bytes(n, c) for n, c in configs.items())
+        return Point({n: c.label for n, c in configs.items()}, self.error(genome), lat, lat / base_lat, wbytes,
+                     wbytes / base_bytes, all(p in self.known for p in configs.items()))
+
+
+def _violations(p: Point, budget: Budget) -> list[float]:
+    return [p.latency_ratio - budget.latency if budget.latency is not None else -1.0,
+            p.memory_ratio - budget.memory if budget.memory is not None else -1.0,
+            p.error - budget.max_error if budget.max_error is not None else -1.0]
+
+
+def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, backend: str = "onnxruntime",
+           budget: Budget = Budget(), pop_size: int = 16, generations: int = 8, seed: int = 0,
+           use_predictor: bool = True, seed_measurements: int = 4, measure_per_generation: int = 4,
+           cache: LatencyCache | None = None, space: SearchSpace | None = None, prepare: bool = True,
+           **space_options) -> SearchResult:
+    """Pareto front of (proxy error, latency, weight bytes) over per-layer configurations of ``graph``.
+
+    ``prepare`` runs ``fold-bn,dead-code`` first (so batch norms are inside the layers' weights).
+    """
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.core.evaluator import Evaluator
+    from pymoo.core.problem import Problem
+    from pymoo.operators.crossover.sbx import SBX
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.problems.static import StaticProblem
+
+    t0 = time.perf_counter()
+    if space is None:
+        if prepare:
+            from qcompile.passes import PassManager, parse_pipeline
+
+            graph = PassManager(parse_pipeline("fold-bn,dead-code")).run(graph)
+        space = SearchSpace(graph, calibration, **space_options)
+    if not space.layers:
+        raise ValueError("the model has no conv2d/linear layer with constant weights to search over")
+    cache = cache or LatencyCache(backend)
+    hits0, misses0 = cache.hits, cache.misses
+    ev = _Evaluator(space, cache, LatencyPredictor() if use_predictor else None)
+    rng = np.random.default_rng(seed)
+    all_pairs = [(la.name, c) for la in space.layers for c in la.choices]
+    baseline = [(la.name, FP32) for la in space.layers]
+    if use_predictor:
+        others = [p for p in all_pairs if p[1] != FP32]
+        picks = rng.choice(len(others), size=min(seed_measurements, len(others)), replace=False)
+        ev.measure(baseline + [others[i] for i in picks])
+    else:
+        ev.measure(all_pairs)
+    base_lat = sum(ev.known[p] for p in baseline)
+    base_bytes = ev.other_bytes + sum(space.weight_bytes(*p) for p in baseline)
+
+    n_var = len(space.layers)
+    upper = np.array([len(la.choices) - 1 for la in space.layers])
+    problem = Problem(n_var=n_var, n_obj=3, n_ieq_constr=3, xl=np.zeros(n_var), xu=upper, vtype=int)
+    # seeds: all-fp32, every uniform choice index that exists everywhere, the rest random
+    X0 = [np.zeros(n_var, int)] + [np.minimum(upper, k) for k in range(1, int(upper.max()) + 1)]
+    while len(X0) < pop_size:
+        X0.append(rng.integers(0, upper + 1))
+    algorithm = NSGA2(pop_size=pop_size, sampling=np.array(X0[:pop_size]),
+                      crossover=SBX(prob=0.9, eta=3.0, vtype=float, repair=RoundingRepair()),
+                      mutation=PM(eta=3.0, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
+    algorithm.setup(problem, termination=("n_gen", generations), seed=seed, verbose=False)
+    archive: dict[tuple[int, ...], Point] = {}
+
+    def evaluate(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        F, G = [], []
+        for x in X:
+            genome = tuple(int(v) for v in np.round(x))
+            p = archive[genome] = ev.point(genome, base_lat, base_bytes)
+            F.append(p.objectives())
+            G.append(_violations(p, budget))
+        return np.array(F), np.array(G)
+
+    def refresh() -> None:
+        for g in archive:
+            archive[g] = ev.point(g, base_lat, base_bytes)
+
+    def promising() -> list[tuple[int, ...]]:
+        feas = [g for g, p in archive.items() if max(_violations(p, budget)) <= 0]
+        pool = feas or sorted(archive, key=lambda g: max(_violations(archive[g], budget)))[:pop_size]
+        front = non_dominated([archive[g] for g in pool])
+        ids = {id(p) for p in front}
+        return [g for g in pool if id(archive[g]) in ids]
+
+    gens = 0
+    while algorithm.has_next():
+        pop = algorithm.ask()
+        F, G = evaluate(pop.get("X"))
+        Evaluator().eval(StaticProblem(problem, F=F, G=G), pop)
+        algorithm.tell(infills=pop)
+        gens += 1
+        if use_predictor:
+            counts: dict = {}
+            for g in promising():
+                for pair in space.decode(g).items():
+                    if pair not in ev.known:
+                        counts[pair] = counts.get(pair, 0) + 1
+            todo = sorted(counts, key=lambda p: -counts[p])[:measure_per_generation]
+            if todo:
+                ev.measure(todo)
+                refresh()
+
+    # finalists: measure everything the front uses until the front is fully measured
+    for _ in range(10):
+        missing = [pair for g in promising() for pair in space.decode(g).items() if pair not in ev.known]
+        if not missing:
+            break
+        ev.measure(missing)
+        refresh()
+    measured_points = [p for p in archive.values() if p.measured]
+    feasible = [p for p in measured_points if max(_violations(p, budget)) <= 0]
+    front = non_dominated(feasible)
+    best = {"error": min(p.error for p in archive.values()),
+            "latency_ratio": min(p.latency_ratio for p in measured_points) if measured_points else None,
+            "memory_ratio": min(p.memory_ratio for p in archive.values())}
+    message = _message(front, budget, best, ev, space, base_lat)
+    return SearchResult(front, bool(front), message, budget, backend, base_lat, base_bytes,
+                        cache.misses - misses0, space.size, len(ev.known),
+                        {"hits": cache.hits - hits0, "misses": cache.misses - misses0, "path": str(cache.path)},
+                        len(ev.errors), gens, time.perf_counter() - t0, best)
+
+
+def _message(front: list[Point], budget: Budget, best: dict, ev: _Evaluator, space: SearchSpace,
+             base_lat: float) -> str:
+    if front:
+        return f"{len(front)} non-dominated feasible point(s)"
+    parts = []
+    if budget.latency is not None and (best["latency_ratio"] is None or best["latency_ratio"] > budget.latency):
+        # additive per-layer latency: the fastest choice of every layer bounds what any point can reach
+        bound = sum(min(ev.latency(la.name, c) for c in la.choices) for la in space.layers) / base_lat
+        reached = "nothing measured" if best["latency_ratio"] is None else f"{best['latency_ratio']:.3g}x"
+        parts.append(f"latency budget {budget.latency:g}x of the fp32 per-layer latency cannot be met: the best "
+                     f"reachable is {reached} (lower bound from each layer's fastest configuration "
+                     f"{bound:.3g}x)")
+    if budget.memory is not None and best["memory_ratio"] > budget.memory:
+        floor = (ev.other_bytes + sum(min(space.weight_bytes(la.name, c) for c in la.choices)
+                                      for la in space.layers))
+        parts.append(f"memory budget {budget.memory:g}x of the original weight bytes cannot be met: the best "
+                     f"reachable is {best['memory_ratio']:.3g}x (floor {floor:,.0f} bytes)")
+    if budget.max_error is not None and best["error"] > budget.max_error:
+        parts.append(f"max proxy error {budget.max_error:g} cannot be met: the best reachable is "
+                     f"{best['error']:.3g}")
+    if not parts:
+        parts.append("each budget is reachable alone, but no evaluated point meets all of them at once "
+                     f"(best latency {best['latency_ratio']}x, memory {best['memory_ratio']:.3g}x, "
+                     f"error {best['error']:.3g}); search longer or relax a budget")
+    return "infeasible: " + "; ".join(parts)
