@@ -154,7 +154,7 @@ def _plot(results, path: Path) -> None:
     axes[0].set_ylim(90, 100)
     axes[0].set_ylabel("test accuracy % after fine-tune")
     axes[0].set_title(f"equal MACs ({results['macs']})")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="lower left")
     for j, k in enumerate(("fp32", "pruned fp32", "pruned int8")):
         axes[1].bar(x + (j - 1) * 0.25, [r["tvm_x86_ms"][k] for r in results["models"]], 0.25, label=k)
     axes[1].set_xticks(x, models)
