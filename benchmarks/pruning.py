@@ -24,37 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from quantization import weight_bytes  # noqa: E402  (benchmarks/ is the script's directory)
+
 CRITERIA = ("magnitude", "bn", "qubo")
 
 
-def weight_bytes(graph) -> int:
-    """Bytes of conv/linear weights as stored: fp32 4, int8 1, int4 0.5 per value."""
-    total = 0.0
-    prod = graph.producers()
-    for n in graph.nodes:
-        if n.op not in ("conv2d", "linear"):
-            continue
-        w = n.inputs[1]
-        if w in graph.constants:
-            total += graph.constants[w].size * 4
-        elif w in prod and prod[w].op == "dequantize_linear":
-            dq = prod[w]
-            total += graph.types[dq.inputs[0]].numel * dq.attrs["bits"] / 8
-    return int(total)
-
-
 def _machine() -> str:
-    import os
+    from qcompile.bench import machine
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
+    m = machine()
+    return f"{m.get('Model name', m['platform'])}, {m['affinity']} cores, LLVM cpu {m.get('llvm_cpu', '?')}"
 
 
 def accuracy(args) -> None:
