@@ -63,3 +63,16 @@ def resnet_block_graph(seed: int = 0) -> Graph:
 def feeds(g: Graph, n: int = 3, seed: int = 1) -> list[dict[str, np.ndarray]]:
     rng = _rng(seed)
     return [{i: rng.standard_normal(g.types[i].shape).astype(np.float32) for i in g.inputs} for _ in range(n)]
+
+
+def damaged(g: Graph, conv_index: int = 1, noise: float = 1.5, seed: int = 0) -> Graph:
+    """A clone of ``g`` whose ``conv_index``-th conv weights carry Gaussian noise of ``noise`` x their
+    std (a model that fine-tuning has to repair)."""
+    bad = g.clone()
+    conv = [n for n in bad.nodes if n.op == "conv2d"][conv_index]
+    w = bad.constants[conv.inputs[1]]
+    rng = np.random.default_rng(seed)
+    noisy = (w + rng.standard_normal(w.shape).astype(np.float32) * noise * w.std()).astype(np.float32)
+    noisy.flags.writeable = False
+    bad.constants[conv.inputs[1]] = noisy
+    return bad

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from graphs import damaged
 from qcompile.backends.torch_backend import to_torch
 from qcompile.data.digits import load_digits_split
 from qcompile.errors import InputError, ShapeError
@@ -39,20 +40,9 @@ def digits(loaded):
     return g, load_digits_split()
 
 
-def _damaged(g):
-    bad = g.clone()
-    conv = [n for n in bad.nodes if n.op == "conv2d"][1]
-    w = bad.constants[conv.inputs[1]]
-    rng = np.random.default_rng(0)
-    noisy = (w + rng.standard_normal(w.shape).astype(np.float32) * 1.5 * w.std()).astype(np.float32)
-    noisy.flags.writeable = False
-    bad.constants[conv.inputs[1]] = noisy
-    return bad
-
-
 def test_finetune_recovers_a_damaged_model_and_keeps_the_input(digits):
     g, split = digits
-    bad = _damaged(g)
+    bad = damaged(g)
     before = _snapshot(bad)
     (xtr, ytr), (xva, yva), (xte, yte) = split.train, split.val, split.test
     acc_orig, acc_bad = _acc(g, xte, yte), _acc(bad, xte, yte)
@@ -75,7 +65,7 @@ def test_finetune_recovers_a_damaged_model_and_keeps_the_input(digits):
 
 def test_loss_falls_without_teacher_or_validation(digits):
     g, split = digits
-    bad = _damaged(g)
+    bad = damaged(g)
     (xtr, ytr), (xte, yte) = split.train, split.test
     res = finetune(bad, xtr, ytr, epochs=3, progress=False)
     losses = [h["train_loss"] for h in res.history[1:]]
@@ -111,7 +101,7 @@ def test_divergence_keeps_the_best_weights(digits):
 
 def test_deterministic_for_a_seed_and_global_rng_untouched(digits):
     g, split = digits
-    bad = _damaged(g)
+    bad = damaged(g)
     x, y = split.train[0][:200], split.train[1][:200]
     state = torch.random.get_rng_state()
     a = finetune(bad, x, y, teacher=g, epochs=2, seed=0, progress=False)
@@ -127,7 +117,7 @@ def test_torch_teacher_and_progress_bar(digits):
     from qcompile.models.digits import digits_cnn
 
     g, split = digits
-    bad = _damaged(g)
+    bad = damaged(g)
     teacher = digits_cnn().train()  # given in training mode: used in eval mode, mode restored
     x, y = split.train[0][:256], split.train[1][:256]
     res = finetune(bad, x, y, val_images=split.val[0], val_labels=split.val[1], teacher=teacher,

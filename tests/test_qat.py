@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from graphs import damaged
 from qcompile.artifact import sha256_file
 from qcompile.backends.torch_backend import fake_quantize, to_torch, torch_threads, write_back
 from qcompile.cli import main
@@ -129,14 +130,7 @@ def test_weight_grids_follow_bits_and_reduce_range(loaded, folded, int4):
 
 
 def _damaged_int4(loaded, folded):
-    bad = folded.clone()
-    conv = [n for n in bad.nodes if n.op == "conv2d"][1]
-    w = bad.constants[conv.inputs[1]]
-    rng = np.random.default_rng(0)
-    noisy = (w + rng.standard_normal(w.shape).astype(np.float32) * 1.5 * w.std()).astype(np.float32)
-    noisy.flags.writeable = False
-    bad.constants[conv.inputs[1]] = noisy
-    return _quantize(loaded, bad, "quantize{weight_bits=4}")
+    return _quantize(loaded, damaged(folded), "quantize{weight_bits=4}")
 
 
 def _structure(g):
