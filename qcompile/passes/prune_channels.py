@@ -140,7 +140,7 @@ class PruneChannels(Pass):
         order = np.argsort(ratios)
         r = float(np.interp(o.latency, np.maximum.accumulate(np.array(rel)[order]), ratios[order]))
         target = B.macs_after(graph, groups, B.keep_counts(groups, eligible, r, o.multiple, o.min_keep))
-        ratio, counts = B.counts_for_macs(graph, groups, eligible, target / max(B.macs_after(graph, groups, {}), 1),
+        ratio, counts = B.counts_for_macs(graph, groups, eligible, target / max(compute_macs(graph), 1),
                                           o.multiple, o.min_keep)
         return ratio, counts, measured
 

@@ -17,6 +17,7 @@ import math
 from typing import Sequence
 
 from qcompile.errors import PipelineError
+from qcompile.factorize.layers import compute_macs
 from qcompile.ir.graph import Graph
 from qcompile.prune.groups import ChannelGroup
 from qcompile.prune.rewrite import node_macs_after
@@ -66,7 +67,7 @@ def counts_for_macs(graph: Graph, groups: Sequence[ChannelGroup], eligible: Sequ
                     multiple: int, min_keep: float) -> tuple[float, dict[int, int]]:
     """``(r, counts)`` with the largest keep ratio ``r`` whose MACs are at most ``target`` x the
     original's; raises :class:`PipelineError` naming the smallest reachable ratio otherwise."""
-    before = macs_after(graph, groups, {})
+    before = compute_macs(graph)
     lowest = macs_after(graph, groups, keep_counts(groups, eligible, 0.0, multiple, min_keep)) / max(before, 1)
     if lowest > target + 1e-12:
         raise PipelineError(

@@ -97,11 +97,13 @@ def _constant_weights(graph: Graph, node: Node) -> bool:
     return all(v in graph.constants for v in node.inputs[1:] if v)
 
 
-def _per_channel_constant(graph: Graph, value: str, out_rank: int, channels: int) -> bool:
-    """A constant operand broadcast against a rank-``out_rank`` value with one entry per channel."""
+def channel_extent(graph: Graph, value: str, out_rank: int) -> int | None:
+    """Size on the channel axis of ``value`` broadcast against a rank-``out_rank`` result (numpy
+    broadcasting aligns trailing axes); None if ``value`` has a higher rank."""
     shape = graph.types[value].shape
-    aligned = (1,) * (out_rank - len(shape)) + tuple(shape)
-    return len(aligned) == out_rank and aligned[1] == channels > 1
+    if len(shape) > out_rank:
+        return None
+    return ((1,) * (out_rank - len(shape)) + tuple(shape))[1]
 
 
 class _Analysis:
@@ -160,9 +162,8 @@ class _Analysis:
                     self.merge(v, out)
                 elif v in self.offset and channels_of(g, v) != 1:
                     return self._freeze_all(node)
-                elif v in g.constants and not (g.types[v].numel == 1 or _per_channel_constant(
-                        g, v, g.types[out].rank, c) or _broadcast_channel_one(g, v, g.types[out].rank)):
-                    return self._freeze_all(node)
+                elif v in g.constants and channel_extent(g, v, g.types[out].rank) not in (1, c):
+                    return self._freeze_all(node)  # a constant sliced on some other axis
         elif op == "concat" and node.attrs["axis"] % g.types[out].rank == 1 and all(
                 v in self.offset for v in node.inputs):
             off = 0
@@ -189,12 +190,6 @@ def _flattens(graph: Graph, node: Node) -> bool:
         return node.attrs["axis"] == 1
     n, c, h, w = graph.types[node.inputs[0]].shape
     return graph.types[node.outputs[0]].shape == (n, c * h * w)
-
-
-def _broadcast_channel_one(graph: Graph, value: str, out_rank: int) -> bool:
-    shape = graph.types[value].shape
-    aligned = (1,) * (out_rank - len(shape)) + tuple(shape)
-    return len(aligned) == out_rank and aligned[1] == 1
 
 
 def channel_groups(graph: Graph) -> list[ChannelGroup]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from qcompile.ir import ops
 from qcompile.ir.graph import Graph, Node
-from qcompile.prune.groups import ChannelGroup, is_depthwise
+from qcompile.prune.groups import ChannelGroup, channel_extent, is_depthwise
 
 
 def drops_by_value(groups: Sequence[ChannelGroup], drop: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
@@ -81,9 +81,8 @@ def remove_channels(graph: Graph, dropped: Mapping[str, Sequence[int]]) -> None:
             rank, c = types[out].rank, types[out].shape[1]
             keep = _keep(c, d_out)
             for i, v in enumerate(node.inputs):
-                shape = types[v].shape
-                if v in graph.constants and rank - 1 <= len(shape) <= rank and _aligned(shape, rank)[1] == c > 1:
-                    node.inputs[i] = _sliced(graph, v, 1 - (rank - len(shape)), keep)
+                if v in graph.constants and channel_extent(graph, v, rank) == c > 1:
+                    node.inputs[i] = _sliced(graph, v, 1 - (rank - types[v].rank), keep)
     retype(graph)
     graph.remove_unused_constants()
 
@@ -99,15 +98,13 @@ def compensate_bias(graph: Graph, dropped: Mapping[str, Sequence[int]], means: M
     """
     changed = 0
     for node in graph.nodes:
-        if node.op not in ("conv2d", "linear") or (node.op == "conv2d" and is_depthwise(graph, node)):
+        if node.op not in ("conv2d", "linear") or (node.op == "conv2d" and node.attrs["group"] != 1):
             continue
         x = node.inputs[0]
         d_in = dropped.get(x, ())
         if not d_in or x not in means:
             continue
         w = graph.constants[node.inputs[1]].astype(np.float64)
-        if node.op == "conv2d" and node.attrs["group"] != 1:
-            continue
         per_in = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # (O, C)
         delta = per_in[:, list(d_in)] @ np.asarray(means[x], np.float64)[list(d_in)]
         has_bias = len(node.inputs) > 2 and node.inputs[2]
@@ -116,10 +113,6 @@ def compensate_bias(graph: Graph, dropped: Mapping[str, Sequence[int]], means: M
         node.inputs[2:] = [name]
         changed += 1
     return changed
-
-
-def _aligned(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
-    return (1,) * (rank - len(shape)) + tuple(shape)
 
 
 def retype(graph: Graph) -> None:

@@ -148,10 +148,16 @@ def qubo_select(a: np.ndarray, corr: np.ndarray, keep: int, frozen: np.ndarray, 
     return np.sort(kept)
 
 
+def _pair_matrix(quad: np.ndarray) -> np.ndarray:
+    """Symmetric ``S`` with each pair (k, l) counted once, as in ``E``: ``S = triu(Q) + triu(Q)^T``."""
+    upper = np.triu(quad, 1)
+    return upper + upper.T
+
+
 def _repair(x: np.ndarray, linear: np.ndarray, quad: np.ndarray, target: int) -> np.ndarray:
     """Greedy single flips to exactly ``target`` ones, each the cheapest in the unpenalised energy."""
     x = x.copy()
-    sym = np.triu(quad, 1) + np.triu(quad, 1).T  # pair (k, l) counted once, as in E
+    sym = _pair_matrix(quad)
     while x.sum() != target:
         delta = linear + sym @ x  # energy change of switching a channel on
         if x.sum() < target:
@@ -168,7 +174,7 @@ def _swap_descent(x: np.ndarray, linear: np.ndarray, quad: np.ndarray) -> np.nda
     can only cross through penalised states: ``dE = delta_j - delta_i - S_ij`` for ``i`` out,
     ``j`` in, with ``delta = linear + S x`` and ``S = quad + quad^T``."""
     x = x.copy()
-    sym = np.triu(quad, 1) + np.triu(quad, 1).T
+    sym = _pair_matrix(quad)
     for _ in range(4 * len(x) + 4):
         on, off = np.flatnonzero(x == 1), np.flatnonzero(x == 0)
         if not len(on) or not len(off):
