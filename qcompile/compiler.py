@@ -101,7 +101,7 @@ def compile_model(model: str | LoadedModel, pipeline: str, target: str, out: str
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, opts.input_shapes, opts.calibration, opts.num_calibration)
     try:
-        return _compile_loaded(loaded, passes, tgt, out, opts)
+        return compile_loaded(loaded, passes, tgt, out, opts)
     except InputError:
         raise
     except QCompileError as e:
@@ -131,7 +131,10 @@ def _reproduce(loaded: LoadedModel, pipeline: str, target: str, opts: CompileOpt
         pass
 
 
-def _compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOptions) -> CompileResult:
+def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOptions) -> CompileResult:
+    """Run ``passes`` (the user's pipeline followed by the target's phases) on an already loaded model,
+    build, verify and write ``out`` atomically (what ``compile`` does after loading; ``finetune``
+    calls it with its training step in the pipeline)."""
     graph_in = loaded.graph
     ctx = PassContext(calibration=loaded.calibration, instruments=list(opts.instruments),
                       verify_numerics=opts.verify_each_pass, rtol=FP32_RTOL, atol_rel=FP32_ATOL_REL)

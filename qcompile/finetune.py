@@ -517,7 +517,7 @@ def finetune_model(model: str, pipeline: str, target: str, out: str | Path,
     the artifact ``out`` atomically exactly as :func:`qcompile.compiler.compile_model` does (the
     manifest's pipeline ends with ``finetune{...}``; its stats hold the accuracies and history).
     ``options``: :class:`qcompile.compiler.CompileOptions`.  Returns a ``CompileResult``."""
-    from qcompile.compiler import CompileOptions, _compile_loaded
+    from qcompile.compiler import CompileOptions, compile_loaded
     from qcompile.frontends import load_model
     from qcompile.passes import parse_pipeline
     from qcompile.targets import get_target
@@ -534,4 +534,4 @@ def finetune_model(model: str, pipeline: str, target: str, out: str | Path,
         raise InputError(f"output '{out}' already exists (use --force to replace it)")
     loaded = load_model(model, opts.input_shapes, opts.calibration, opts.num_calibration)
     tune.teacher = loaded.graph
-    return _compile_loaded(loaded, user + [tune] + parse_pipeline(",".join(tgt.phases)), tgt, out, opts)
+    return compile_loaded(loaded, user + [tune] + parse_pipeline(",".join(tgt.phases)), tgt, out, opts)
