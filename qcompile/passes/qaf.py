@@ -33,6 +33,7 @@ from qcompile.ir.graph import Graph, Node
 from qcompile.passes.base import PassContext, PassResult
 from qcompile.passes.cp_decomp import CPDecomposition
 from qcompile.passes.factorize_base import FactorizeOptions, FactorizePass
+from qcompile.passes.quantize import dequantized_weight
 from qcompile.passes.tucker2 import Tucker2
 
 METHODS = {"tucker2": Tucker2, "cp": CPDecomposition}
@@ -140,9 +141,4 @@ class QAF(FactorizePass):
 
 def _read_through_dequantize(graph: Graph, node: Node, grid: admm.GridFactor) -> None:
     """``node``'s weight input becomes ``dequantize_linear(q, s, axis=0)`` (bits 4, else 8)."""
-    wq = graph.add_constant(node.inputs[1] + "_q", grid.q)
-    ws = graph.add_constant(node.inputs[1] + "_scale", grid.scale.astype(np.float32))
-    dq = graph.make_node("dequantize_linear", [wq, ws], {"axis": 0, "bits": 4 if grid.bits == 4 else 8},
-                         name=node.name + "/dequantize_w")
-    graph.insert_before(node, [dq])
-    node.inputs[1] = dq.outputs[0]
+    node.inputs[1] = dequantized_weight(graph, node, grid.q, grid.scale, 4 if grid.bits == 4 else 8)

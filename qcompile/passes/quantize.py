@@ -157,12 +157,7 @@ class Quantize(Pass):
             entry["bias_correction_max"] = round(float(np.abs(shift).max()), 6)
         if x_scale is not None:
             entry.update(act_scale=float(x_scale), observer=self.options.observer)
-        wq = graph.add_constant(node.inputs[1] + "_q", q)
-        ws = graph.add_constant(node.inputs[1] + "_scale", s.astype(np.float32))
-        dq = graph.make_node("dequantize_linear", [wq, ws], {"axis": 0, "bits": bits},
-                             name=node.name + "/dequantize_w")
-        graph.insert_before(node, [dq])
-        ins = [x_dq or node.inputs[0], dq.outputs[0]]
+        ins = [x_dq or node.inputs[0], dequantized_weight(graph, node, q, s, bits)]
         if b is not None:
             ins.append(graph.add_constant(node.inputs[2] if len(node.inputs) > 2 and node.inputs[2]
                                           else node.name + ".bias", np.asarray(b, np.float32)))
@@ -196,6 +191,16 @@ def _kept_weight_bits(graph: Graph, node: Node) -> int:
         if "weight_bits" in entry:
             return int(entry["weight_bits"])
     return int(graph.producers()[node.inputs[1]].attrs["bits"])
+
+
+def dequantized_weight(graph: Graph, node: Node, q: np.ndarray, s: np.ndarray, bits: int) -> str:
+    """Store ``q`` (int8) and ``s`` (one scale per output channel) as constants and insert
+    ``dequantize_linear(q, s, axis=0, bits)`` before ``node``; returns the value to use as its weight."""
+    wq = graph.add_constant(node.inputs[1] + "_q", q)
+    ws = graph.add_constant(node.inputs[1] + "_scale", np.asarray(s, np.float32))
+    dq = graph.make_node("dequantize_linear", [wq, ws], {"axis": 0, "bits": bits}, name=node.name + "/dequantize_w")
+    graph.insert_before(node, [dq])
+    return dq.outputs[0]
 
 
 def _per_channel(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
