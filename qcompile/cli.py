@@ -1,4 +1,4 @@
-"""Command line: ``qcompile compile | finetune | passes | inspect | run | bench``.
+"""Command line: ``qcompile compile | finetune | search | passes | inspect | run | bench``.
 
 Exit codes: 0 success, 2 usage or input error (bad model, pipeline, shape, target),
 1 internal error (a bug, or an artifact that failed verification).
@@ -117,6 +117,50 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         print(f"  test accuracy {pct(st['test_acc_before'])} -> {pct(st['test_acc_after'])}")
     print(f"  verified on {v['feeds']} feeds ({v['calibration']}): max rel error vs original {v['max_rel_error']:.3g}, "
           f"vs fine-tuned IR {v['backend_vs_compressed_ir_rel_error']:.3g}")
+    return 0
+
+
+def _ratios(text: str, what: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated numbers, not '{text}'") from None
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from qcompile.frontends import parse_input_shapes
+    from qcompile.search.driver import SearchSettings, parse_budget, search_and_compile, stderr_progress
+    from qcompile.search.nsga import Budget
+
+    budget = parse_budget(args.budget)
+    if args.max_proxy_error is not None:
+        budget = Budget(budget.latency, budget.memory, args.max_proxy_error)
+    bits = tuple(int(b) for b in _ratios(args.bits, "--bits"))
+    if any(b not in (8, 4) for b in bits):
+        raise InputError(f"--bits takes 8 and/or 4, not {args.bits}")
+    prune = _ratios(args.prune, "--prune")
+    if not prune or any(not 0 < r <= 1 for r in prune):
+        raise InputError(f"--prune ratios must lie in (0, 1], got {args.prune}")
+    settings = SearchSettings(budget=budget, max_acc_drop=args.max_acc_drop, data=args.data or "", bits=bits,
+                              ranks_per_layer=args.ranks_per_layer, prune_ratios=tuple(sorted(set(prune) | {1.0},
+                                                                                               reverse=True)),
+                              pop_size=args.pop, generations=args.generations, seed=args.seed,
+                              use_predictor=not args.no_predictor, finalists=args.finalists, rounds=args.rounds)
+    doc = search_and_compile(args.model, args.target, args.out, settings,
+                             input_shapes=parse_input_shapes(args.input_shape), calibration=args.calib,
+                             num_calibration=args.num_calib, force=args.force,
+                             progress=None if args.quiet else stderr_progress)
+    c = doc["chosen"]
+    print(f"searched {args.model} on {args.target} -> {args.out}")
+    print(f"  front: {len(doc['front'])} points; {doc['pairs_measured']}/{doc['space_size']} (layer, configuration) "
+          f"pairs measured ({doc['measurements_saved']} saved by the predictor); {doc['wall_s']:.1f} s search")
+    print(f"  chosen: {c['pipeline']}")
+    print(f"  validation accuracy {doc['original']['accuracy']:.2f} % -> {c['accuracy']:.2f} % "
+          f"(drop {c['acc_drop']:.2f} pt)" + (f"; test {doc['original']['test_accuracy']:.2f} % -> "
+                                               f"{c['test_accuracy']:.2f} %" if "test_accuracy" in c else ""))
+    print(f"  measured latency {c['latency_ratio']:.3g}x the original on {args.target}; "
+          f"speed-up over onnxruntime fp32 on the original {c['speedup_vs_onnxruntime']:.2f}x")
+    print(f"  front and finalists: {Path(args.out) / 'search'}/search.json, front.png")
     return 0
 
 
@@ -278,6 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="replace OUT if it exists")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     f.set_defaults(fn=_cmd_finetune)
+
+    s = sub.add_parser("search", help="search per-layer rank / bits / prune ratio under budgets with measured "
+                                      "latency, check the finalists, compile the chosen point")
+    _add_model_args(s)
+    s.add_argument("-t", "--target", default="onnxruntime", help="target whose latency is measured and compiled for")
+    s.add_argument("-o", "--out", required=True, help="output directory: the artifact plus search/search.json "
+                                                      "and search/front.png (created atomically)")
+    s.add_argument("--budget", default="", help="ratios of the original, e.g. 'latency=0.4x,memory=0.5x'")
+    s.add_argument("--max-acc-drop", type=float, default=1.0, help="accuracy points the chosen point may lose "
+                                                                   "on the validation split (default 1)")
+    s.add_argument("--max-proxy-error", type=float, help="also bound the search's proxy error (relative output L2)")
+    s.add_argument("--data", help="labelled data: digits, mnist, or .npz with x_val, y_val (default: the model's "
+                                  "own data set)")
+    s.add_argument("--bits", default="8,4", help="weight bit-widths offered per layer besides fp32 (default 8,4)")
+    s.add_argument("--ranks-per-layer", type=int, default=2, help="Tucker-2 ranks offered per k x k conv")
+    s.add_argument("--prune", default="1", help="model-level MAC keep ratios offered, e.g. '1,0.75,0.5'")
+    s.add_argument("--pop", type=int, default=16, help="NSGA-II population (default 16)")
+    s.add_argument("--generations", type=int, default=8, help="NSGA-II generations (default 8)")
+    s.add_argument("--finalists", type=int, default=4, help="front points checked end to end (default 4)")
+    s.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds for the finalists")
+    s.add_argument("--no-predictor", action="store_true", help="measure every (layer, configuration) pair up front")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--calib", help=".npy (N, ...) or .npz keyed by input name: real calibration samples")
+    s.add_argument("--num-calib", type=int, default=16, help="calibration feeds for the proxy error and quantization")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(fn=_cmd_search)
 
     p = sub.add_parser("passes", help="list passes (with options) and targets")
     p.set_defaults(fn=_cmd_passes)

@@ -25,7 +25,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -131,10 +131,15 @@ def _reproduce(loaded: LoadedModel, pipeline: str, target: str, opts: CompileOpt
         pass
 
 
-def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOptions) -> CompileResult:
+def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOptions, *,
+                   extra_files: Mapping[str, bytes] | None = None,
+                   extra_manifest: Mapping[str, Any] | None = None) -> CompileResult:
     """Run ``passes`` (the user's pipeline followed by the target's phases) on an already loaded model,
     build, verify and write ``out`` atomically (what ``compile`` does after loading; ``finetune``
-    calls it with its training step in the pipeline)."""
+    calls it with its training step in the pipeline, ``search`` with its chosen point).
+
+    ``extra_files`` (relative path -> bytes, e.g. a search's front) are written into the same atomic
+    directory and hashed in the manifest's file table; ``extra_manifest`` adds top-level manifest keys."""
     graph_in = loaded.graph
     ctx = PassContext(calibration=loaded.calibration, instruments=list(opts.instruments),
                       verify_numerics=opts.verify_each_pass, rtol=FP32_RTOL, atol_rel=FP32_ATOL_REL)
@@ -149,6 +154,11 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
         runner = backend.load(tmp, {"files": files, "inputs": _io(graph, graph.inputs),
                                     "outputs": _io(graph, graph.outputs)})
         outputs = run_feeds(lambda feed: runner.run(feed), loaded.calibration)
+        files = list(files)
+        for rel_path, data in (extra_files or {}).items():
+            (tmp / rel_path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel_path).write_bytes(data)
+            files.append(rel_path)
         rel = max_rel_error(outputs, reference)
         abs_err = max(float(np.max(np.abs(o.astype(np.float64) - r))) for o, r in zip(outputs, reference))
         within = within_fp32_tolerance(outputs, reference, FP32_RTOL, FP32_ATOL_REL)
@@ -201,6 +211,7 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
             "layers": _layers(graph),
             "versions": {**tool_versions(), **backend.versions()},
             "files": file_table(tmp, files),
+            **dict(extra_manifest or {}),
         }
         write_json(tmp / MANIFEST, manifest)
     return CompileResult(out, manifest, pm.records)

@@ -52,6 +52,10 @@ class PipelineError(InputError):
     """Pipeline text does not parse, names an unknown pass, or has a bad option."""
 
 
+class SearchError(InputError):
+    """A compression search cannot meet the user's budget (infeasible, or no finalist qualifies)."""
+
+
 class TargetError(InputError):
     """Unknown target, or a target this machine cannot serve."""
 

@@ -126,3 +126,82 @@ def test_infeasible_latency_budget_is_named(digits, tmp_path):
     assert not r.feasible and r.front == []
     assert "latency budget 0.01x" in r.message and "best reachable" in r.message
     assert r.best["latency_ratio"] > 0.01
+
+
+# ---------------------------------------------------------------------- model-level prune ratios
+@pytest.fixture(scope="module")
+def pruned_space(digits):
+    graph, calib, _ = digits
+    return SearchSpace(graph, calib, prune_ratios=(0.5, 1.0, 0.75))
+
+
+def test_prune_ratios_give_pruned_layers_and_scaled_choices(digits, pruned_space):
+    _, _, plain = digits
+    space = pruned_space
+    assert space.prune_ratios == (1.0, 0.75, 0.5)  # sorted, largest first
+    assert space.prune_pipeline(1.0) == "" and \
+        space.prune_pipeline(0.5) == "prune-channels{macs=0.5,criterion=magnitude}"
+    assert space.prune_stats[0.5]["mac_ratio"] <= 0.5
+    # the genome: prune-ratio index, then one choice per layer (ratio 1: the unpruned space's choices)
+    assert list(space.upper) == [2] + [len(la.choices) - 1 for la in plain.layers]
+    assert [la.choices for la in space.layers] == [la.choices for la in plain.layers]
+    assert space.decode(space.genome(1.0, [0] * len(space.layers))) == (1.0, {la.name: LayerConfig() for la in
+                                                                                space.layers})
+    full, half = space.layer("conv_out.0"), space.layer("conv_out.0", 0.5)
+    assert half.weight_shape[0] < full.weight_shape[0] and half.weight_shape[1] < full.weight_shape[1]
+    assert half.macs < full.macs and space.layer("fc", 0.5).weight_shape[1] < space.layer("fc").weight_shape[1]
+    pruned_layers = [n.name for n in space.pruned_graph(0.5).nodes if n.op in ("conv2d", "linear")]
+    assert pruned_layers == [la.name for la in space.layers]  # names survive pruning
+    assert space.weight_bytes("conv_out.0", LayerConfig(), 0.5) == half.weight_numel * 4
+    assert space.other_bytes(0.5) < space.other_bytes()  # pruned biases
+    f = space.features("conv_out.0", LayerConfig(), 0.5)
+    assert f[space.FEATURES.index("log_macs")] == pytest.approx(np.log1p(half.macs))
+    g = space.layer_graph("conv_out.0", LayerConfig(), 0.5)
+    assert g.types[g.nodes[0].inputs[1]].shape == half.weight_shape  # a new workload for the latency cache
+    # Tucker-2 ranks follow the pruned shapes, or the layer is not factorized where they would not save MACs
+    for r in space.prune_ratios:
+        for la in space.layers:
+            pl = space.layer(la.name, r)
+            for c in pl.choices:
+                assert LayerConfig.parse(c.label) == c
+                if c.rank:
+                    assert c.rank[0] <= pl.weight_shape[0] and c.rank[1] <= pl.weight_shape[1]
+                    assert space.macs(la.name, c, r) < pl.macs
+    tucker8 = LayerConfig(8, (8, 8))
+    assert tucker8 in space.layer("res_conv1.0").choices and space.layer("res_conv1.0", 0.5).weight_shape[0] == 8
+    choice = space.layer("res_conv1.0").choices.index(tucker8)
+    genome = space.genome(0.5, [choice if la.name == "res_conv1.0" else 0 for la in space.layers])
+    assert space.decode(genome).configs["res_conv1.0"] == LayerConfig(8)  # 8x8 of an 8x8 layer saves nothing
+
+
+def test_pruned_point_replays_from_its_pipeline_text(digits, pruned_space):
+    from qcompile.passes import PassContext, PassManager, parse_pipeline
+    from qcompile.passes.manager import run_reference, within_fp32_tolerance
+
+    graph, calib, _ = digits
+    space = pruned_space
+    wanted = {"stem.0": "int8", "res_conv1.0": "int4", "conv_out.0": "tucker2[32x24]+int8", "fc": "int8"}
+    choices = [[c.label for c in la.choices].index(wanted.get(la.name, "fp32")) for la in space.layers]
+    ratio, configs = space.decode(space.genome(0.5, choices))
+    assert ratio == 0.5 and configs["conv_out.0"].rank != (32, 24)  # scaled to the pruned layer
+    built = space.build(configs, ratio)
+    # replay: the prune pass from its text (same calibration), then the same per-layer labels
+    replayed = PassManager(parse_pipeline(space.prune_pipeline(ratio))).run(graph, PassContext(calibration=calib))
+    labels = {n: c.label for n, c in configs.items()}
+    rebuilt = SearchSpace(replayed, calib).build({n: LayerConfig.parse(s) for n, s in labels.items()})
+    assert within_fp32_tolerance(run_reference(rebuilt, calib), run_reference(built, calib), 1e-4, 1e-5)
+
+
+def test_search_with_prune_ratios_honours_a_tight_budget(digits, pruned_space, tmp_path):
+    graph, calib, _ = digits
+    budget = Budget(latency=0.6)
+    r = search(graph, calib, space=pruned_space, cache=LatencyCache("onnxruntime", tmp_path / "o.json"),
+               budget=budget, pop_size=8, generations=3, seed=0)
+    if not r.feasible:
+        assert r.front == [] and r.message.startswith("infeasible: latency budget 0.6x"), r.message
+        return
+    assert r.front and non_dominated(r.front) == r.front
+    for p in r.front:
+        assert p.measured and p.latency_ratio <= 0.6 and p.prune in pruned_space.prune_ratios
+        assert set(p.configs) == {la.name for la in pruned_space.layers}
+    json.dumps(r.to_json())

@@ -38,6 +38,7 @@ class LoadedModel:
     calibration: list[Feed] = field(default_factory=list)
     calibration_source: str = ""
     spec: str = ""
+    dataset: str = ""  # the model's labelled data set (``dataset`` attribute: digits, mnist), for accuracy checks
 
 
 def parse_input_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
@@ -180,7 +181,7 @@ def _load_torch_spec(spec: str, input_shapes: dict[str, tuple[int, ...]], num_ca
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [o.detach().numpy() for o in outs]
 
-    loaded = LoadedModel(graph, reference, spec=spec)
+    loaded = LoadedModel(graph, reference, spec=spec, dataset=str(getattr(model, "dataset", "") or ""))
     calib = getattr(model, "calibration_data", None)
     if callable(calib):
         loaded.calibration = feeds_from_samples(graph, calib(), limit=num_calibration)

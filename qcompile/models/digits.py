@@ -44,10 +44,11 @@ class DigitsNet(nn.Module):
     -> linear 48->10.
 
     Compiler hooks: ``example_inputs`` (a zero image), ``input_names`` (``["image"]``) and
-    ``calibration_data()`` (real training digits).
+    ``calibration_data()`` (real training digits), ``dataset`` (labelled data for accuracy checks).
     """
 
     input_names = ["image"]
+    dataset = "digits"
 
     def __init__(self):
         super().__init__()

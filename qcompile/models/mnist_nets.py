@@ -73,6 +73,7 @@ class _Net(nn.Module):
     """Compiler hooks shared by the MNIST models."""
 
     input_names = ["image"]
+    dataset = "mnist"  # labelled data for accuracy checks (qcompile.finetune.load_training_data)
 
     def __init__(self):
         super().__init__()
@@ -202,8 +203,34 @@ class DenseStyle(_Net):
         return self.fc(torch.flatten(self.pool(self.features(image)), 1))
 
 
+class ResNet18(_Net):
+    """The ResNet-18 topology (He et al. 2016, ImageNet variant) on MNIST: image (B, 1, 28, 28) -> logits (B, 10).
+
+    Exactly the zoo's ``ResNet18`` — conv7x7/2 64, maxpool 3/2, four stages of two basic blocks at 64,
+    128, 256, 512 channels (stages 2-4 strided, with 1x1 projections), global average pool, linear —
+    with a 1-channel stem and 10 classes: 28 -> 14 -> 7 -> 7 -> 4 -> 2 -> 1 pixels, 11.2 M parameters,
+    ~28 M MACs per image.  At batch 1 its latency is dominated by streaming the 45 MB of fp32 weights
+    (stage 4 runs on a 1x1 map), the regime of edge inference where fewer weight bytes pay off.
+    """
+
+    def __init__(self):
+        super().__init__()
+        from qcompile.models.zoo import ResNet18 as _Zoo
+
+        net = _Zoo(num_classes=10)
+        net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.avgpool, self.fc = net.avgpool, net.fc
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(image))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 MODELS: dict[str, type[_Net]] = {"vgg_style": VGGStyle, "resnet_style": ResNetStyle,
-                                 "inception_style": InceptionStyle, "dense_style": DenseStyle}
+                                 "inception_style": InceptionStyle, "dense_style": DenseStyle, "resnet18": ResNet18}
 
 
 # ============================================================================ measuring
@@ -393,9 +420,14 @@ def dense_style() -> nn.Module:
     return trained("dense_style")
 
 
+def resnet18() -> nn.Module:
+    """The trained ``ResNet18`` (ResNet-18 topology on MNIST), in eval mode (trained and cached on first use)."""
+    return trained("resnet18")
+
+
 FACTORIES: dict[str, Callable[[], nn.Module]] = {"vgg_style": vgg_style, "resnet_style": resnet_style,
                                                   "inception_style": inception_style,
-                                                  "dense_style": dense_style}
+                                                  "dense_style": dense_style, "resnet18": resnet18}
 
 
 def main(argv: list[str] | None = None) -> int:

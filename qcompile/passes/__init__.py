@@ -10,6 +10,7 @@ from qcompile.passes.channel_decomp import ChannelDecomposition
 from qcompile.passes.cp_decomp import CPDecomposition
 from qcompile.passes.dead_code import DeadCode
 from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.layer_config import LayerConfigPass
 from qcompile.passes.lowrank_svd import LowRankSVD
 from qcompile.passes.prune_channels import PruneChannels
 from qcompile.passes.qaf import QAF
@@ -21,8 +22,8 @@ from qcompile.passes.pipeline import format_pipeline, parse_pipeline
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, DeadCode, AnnotateCosts, LowRankSVD, SpatialSVD,
                                                      Tucker2, CPDecomposition, ChannelDecomposition, Quantize,
-                                                     PruneChannels, QAF)}
+                                                     PruneChannels, QAF, LayerConfigPass)}
 
 __all__ = ["PASSES", "AnnotateCosts", "CPDecomposition", "ChannelDecomposition", "DeadCode", "FoldBatchNorm",
-           "LowRankSVD", "PruneChannels", "Quantize", "SpatialSVD", "Tucker2", "Pass", "PassContext", "PassManager",
+           "LayerConfigPass", "LowRankSVD", "PruneChannels", "Quantize", "SpatialSVD", "Tucker2", "Pass", "PassContext", "PassManager",
            "PassResult", "Sequential", "format_pipeline", "parse_pipeline"]

@@ -1,28 +1,32 @@
 """Multi-objective compression search: NSGA-II (pymoo) over per-layer configurations.
 
-Objectives, all minimised, of a model built with one :class:`~qcompile.search.space.LayerConfig`
-per layer:
+Objectives, all minimised, of a model pruned at one of the space's prune ratios and built with one
+:class:`~qcompile.search.space.LayerConfig` per layer (:class:`~qcompile.search.space.SearchSpace`):
 
 * proxy error: relative L2 error ``||y - y_ref|| / ||y_ref||`` of the model's outputs on the
-  calibration feeds (torch reference interpreter) against the original model;
+  calibration feeds (torch reference interpreter) against the original, unpruned model (pruning is
+  not followed by any fine-tuning: the error says what it costs);
 * latency: the sum of the layers' *measured* latencies on ``backend`` under their configurations
-  (each (layer, configuration) built alone and timed once per workload,
+  (each (layer, configuration) of the pruned model built alone and timed once per workload,
   :class:`~qcompile.search.latency_cache.LatencyCache`); layers not measured yet are estimated by a
   :class:`~qcompile.search.predictor.LatencyPredictor` refit after every measurement batch;
 * weight bytes of the searched layers plus every other constant.
 
-Constraints (``Budget``): latency <= ``latency`` x the all-fp32 per-layer latency sum, weight bytes
-<= ``memory`` x the original's, proxy error <= ``max_error``.
+Constraints (``Budget``): latency <= ``latency`` x the all-fp32 per-layer latency sum of the unpruned
+model (the baseline), weight bytes <= ``memory`` x the original's, proxy error <= ``max_error``.
+A point records its prune ratio (``Point.prune``); ``space.prune_pipeline(point.prune)`` is the
+pipeline text that reproduces its pruned model, on which ``Point.configs`` (labels of configurations
+of the pruned layers) are applied.
 
-With ``use_predictor`` only every layer's fp32 configuration (the baseline) and ``seed_measurements``
-random pairs are measured up front; after each generation, the unmeasured (layer, configuration)
-pairs used by the current non-dominated feasible individuals are measured (at most
-``measure_per_generation``, the most used first) and the predictor refit.  At the end the
-finalists' pairs are all measured and the front recomputed until it consists of fully measured
-points only.  Without the predictor every pair of the space is measured before the search.  The
-result records how many (layer, configuration) pairs had to be measured vs the size of the space
-(``measurements_saved``) and how many distinct workloads were actually timed (cache misses; layers
-of equal shapes share one).
+With ``use_predictor`` only every unpruned layer's fp32 configuration (the baseline) and
+``seed_measurements`` random pairs (of any prune ratio) are measured up front; after each
+generation, the unmeasured (layer, configuration) pairs used by the current non-dominated feasible
+individuals are measured (at most ``measure_per_generation``, the most used first) and the
+predictor refit.  At the end the finalists' pairs are all measured and the front recomputed until
+it consists of fully measured points only.  Without the predictor every pair of the space is
+measured before the search.  The result records how many (layer, configuration) pairs, over every
+prune ratio, had to be measured vs the size of the space (``measurements_saved``) and how many
+distinct workloads were actually timed (cache misses; layers of equal shapes share one).
 
 The front returned is the non-dominated set of feasible, fully measured points of every
 evaluation; if no evaluated point is feasible, the result says which budget failed and the best
@@ -42,6 +46,8 @@ from qcompile.search.latency_cache import LatencyCache
 from qcompile.search.predictor import LatencyPredictor
 from qcompile.search.space import FP32, LayerConfig, SearchSpace
 
+Pair = tuple[str, LayerConfig, float]  # (layer, configuration of the pruned layer, prune ratio)
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -52,6 +58,10 @@ class Budget:
 
 @dataclass
 class Point:
+    """One evaluated model: the model pruned at ``prune`` (1.0 = not pruned; replay it with
+    ``SearchSpace.prune_pipeline(prune)``) with every layer under ``configs[layer]``, a
+    :class:`~qcompile.search.space.LayerConfig` label of the pruned layer."""
+
     configs: dict[str, str]
     error: float
     latency_s: float
@@ -59,6 +69,7 @@ class Point:
     weight_bytes: float
     memory_ratio: float
     measured: bool
+    prune: float = 1.0
 
     def objectives(self) -> tuple[float, float, float]:
         return (self.error, self.latency_s, self.weight_bytes)
@@ -77,7 +88,7 @@ class SearchResult:
     space_size: int  # (layer, configuration) pairs: what measuring every candidate would time
     pairs_measured: int = 0  # pairs whose latency is measured (from the cache or timed), not predicted
     cache: dict = field(default_factory=dict)
-    evaluations: int = 0
+    evaluations: int = 0  # distinct models (prune ratio, per-layer configurations) built for the proxy error
     generations: int = 0
     wall_s: float = 0.0
     best: dict = field(default_factory=dict)  # best value reached per objective (feasible or not)
@@ -106,18 +117,18 @@ def non_dominated(points: Sequence[Point]) -> list[Point]:
 
 
 class _Evaluator:
-    """Objectives of genomes, with the model-building/error part memoised per genome."""
+    """Objectives of genomes, with the model-building/error part memoised per decoded model."""
 
-    def __init__(self, space: SearchSpace, cache: LatencyCache, predictor: LatencyPredictor | None):
+    def __init__(self, space: SearchSpace, cache: LatencyCache, predictor: LatencyPredictor | None,
+                 baseline: Sequence[Pair]):
         self.space = space
         self.cache = cache
         self.predictor = predictor
-        self.known: dict[tuple[str, LayerConfig], float] = {}
-        self.features = {(la.name, c): space.features(la.name, c) for la in space.layers for c in la.choices}
+        self.known: dict[Pair, float] = {}
+        self.features = {p: space.features(*p) for p in dict.fromkeys([*baseline, *space.pairs()])}
         self.ref = self._outputs(space.graph)
-        self.errors: dict[tuple[int, ...], float] = {}
-        self.other_bytes = space.other_bytes()
-        self.measured_pairs: set[tuple[str, LayerConfig]] = set()
+        self.errors: dict[tuple, float] = {}
+        self.other_bytes = {r: space.other_bytes(r) for r in {1.0, *space.prune_ratios}}
 
     def _outputs(self, graph: Graph) -> list[np.ndarray]:
         """The graph's outputs on every calibration feed (reference interpreter, batched)."""
@@ -135,25 +146,26 @@ class _Evaluator:
         if self.predictor is not None:
             self.predictor.fit(self.features, self.known)
 
-    def latency(self, name: str, cfg: LayerConfig) -> float:
-        if (name, cfg) in self.known:
-            return self.known[(name, cfg)]
-        return float(self.predictor.predict(self.features[(name, cfg)])[0])
+    def latency(self, pair: Pair) -> float:
+        if pair in self.known:
+            return self.known[pair]
+        return float(self.predictor.predict(self.features[pair])[0])
 
-    def error(self, genome: tuple[int, ...]) -> float:
-        if genome not in self.errors:
-            outs = self._outputs(self.space.build(self.space.decode(genome)))
+    def error(self, ratio: float, configs: Mapping[str, LayerConfig]) -> float:
+        key = (ratio, tuple(configs.items()))
+        if key not in self.errors:
+            outs = self._outputs(self.space.build(configs, ratio))
             num = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outs, self.ref))
             den = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in self.ref)
-            self.errors[genome] = float(np.sqrt(num / max(den, 1e-30)))
-        return self.errors[genome]
+            self.errors[key] = float(np.sqrt(num / max(den, 1e-30)))
+        return self.errors[key]
 
     def point(self, genome: tuple[int, ...], base_lat: float, base_bytes: float) -> Point:
-        configs = self.space.decode(genome)
-        lat = sum(self.latency(n, c) for n, c in configs.items())
-        wbytes = self.other_bytes + sum(self.space.weight_bytes(n, c) for n, c in configs.items())
-        return Point({n: c.label for n, c in configs.items()}, self.error(genome), lat, lat / base_lat, wbytes,
-                     wbytes / base_bytes, all(p in self.known for p in configs.items()))
+        d = self.space.decode(genome)
+        lat = sum(self.latency(p) for p in d.pairs())
+        wbytes = self.other_bytes[d.prune] + sum(self.space.weight_bytes(*p) for p in d.pairs())
+        return Point({n: c.label for n, c in d.configs.items()}, self.error(d.prune, d.configs), lat, lat / base_lat,
+                     wbytes, wbytes / base_bytes, all(p in self.known for p in d.pairs()), d.prune)
 
 
 def _violations(p: Point, budget: Budget) -> list[float]:
@@ -167,9 +179,11 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
            use_predictor: bool = True, seed_measurements: int = 4, measure_per_generation: int = 4,
            cache: LatencyCache | None = None, space: SearchSpace | None = None, prepare: bool = True,
            **space_options) -> SearchResult:
-    """Pareto front of (proxy error, latency, weight bytes) over per-layer configurations of ``graph``.
+    """Pareto front of (proxy error, latency, weight bytes) over prune ratios and per-layer configurations
+    of ``graph``.
 
-    ``prepare`` runs ``fold-bn,dead-code`` first (so batch norms are inside the layers' weights).
+    ``prepare`` runs ``fold-bn,dead-code`` first (so batch norms are inside the layers' weights);
+    ``space_options`` go to :class:`~qcompile.search.space.SearchSpace` (e.g. ``prune_ratios``).
     """
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator
@@ -190,24 +204,26 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
         raise ValueError("the model has no conv2d/linear layer with constant weights to search over")
     cache = cache or LatencyCache(backend)
     hits0, misses0 = cache.hits, cache.misses
-    ev = _Evaluator(space, cache, LatencyPredictor() if use_predictor else None)
+    baseline: list[Pair] = [(la.name, FP32, 1.0) for la in space.layers]  # the unpruned all-fp32 model
+    ev = _Evaluator(space, cache, LatencyPredictor() if use_predictor else None, baseline)
     rng = np.random.default_rng(seed)
-    all_pairs = [(la.name, c) for la in space.layers for c in la.choices]
-    baseline = [(la.name, FP32) for la in space.layers]
     if use_predictor:
-        others = [p for p in all_pairs if p[1] != FP32]
+        others = [p for p in space.pairs() if p not in baseline]
         picks = rng.choice(len(others), size=min(seed_measurements, len(others)), replace=False)
         ev.measure(baseline + [others[i] for i in picks])
     else:
-        ev.measure(all_pairs)
+        ev.measure(baseline + space.pairs())
     base_lat = sum(ev.known[p] for p in baseline)
-    base_bytes = ev.other_bytes + sum(space.weight_bytes(*p) for p in baseline)
+    base_bytes = ev.other_bytes[1.0] + sum(space.weight_bytes(*p) for p in baseline)
 
-    n_var = len(space.layers)
-    upper = np.array([len(la.choices) - 1 for la in space.layers])
+    upper = space.upper
+    n_var = len(upper)
     problem = Problem(n_var=n_var, n_obj=3, n_ieq_constr=3, xl=np.zeros(n_var), xu=upper, vtype=int)
-    # seeds: all-fp32, every uniform choice index that exists everywhere, the rest random
-    X0 = [np.zeros(n_var, int)] + [np.minimum(upper, k) for k in range(1, int(upper.max()) + 1)]
+    # seeds, for every prune ratio: all-fp32 (first), every uniform choice index (as far as a layer has
+    # it); the rest random
+    layer_upper = np.array([len(la.choices) - 1 for la in space.layers])
+    X0 = [np.array(space.genome(r, np.minimum(layer_upper, k))) for k in range(int(layer_upper.max()) + 1)
+          for r in space.prune_ratios]
     while len(X0) < pop_size:
         X0.append(rng.integers(0, upper + 1))
     algorithm = NSGA2(pop_size=pop_size, sampling=np.array(X0[:pop_size]),
@@ -246,7 +262,7 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
         if use_predictor:
             counts: dict = {}
             for g in promising():
-                for pair in space.decode(g).items():
+                for pair in space.decode(g).pairs():
                     if pair not in ev.known:
                         counts[pair] = counts.get(pair, 0) + 1
             todo = sorted(counts, key=lambda p: -counts[p])[:measure_per_generation]
@@ -256,7 +272,7 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
 
     # finalists: measure everything the front uses until the front is fully measured
     for _ in range(10):
-        missing = [pair for g in promising() for pair in space.decode(g).items() if pair not in ev.known]
+        missing = [pair for g in promising() for pair in space.decode(g).pairs() if pair not in ev.known]
         if not missing:
             break
         ev.measure(missing)
@@ -280,15 +296,18 @@ def _message(front: list[Point], budget: Budget, best: dict, ev: _Evaluator, spa
         return f"{len(front)} non-dominated feasible point(s)"
     parts = []
     if budget.latency is not None and (best["latency_ratio"] is None or best["latency_ratio"] > budget.latency):
-        # additive per-layer latency: the fastest choice of every layer bounds what any point can reach
-        bound = sum(min(ev.latency(la.name, c) for c in la.choices) for la in space.layers) / base_lat
+        # additive per-layer latency: under the best prune ratio, the fastest configuration of every layer
+        # bounds what any point can reach
+        bound = min(sum(min(ev.latency((la.name, c, r)) for c in space.layer(la.name, r).choices)
+                        for la in space.layers) for r in space.prune_ratios) / base_lat
         reached = "nothing measured" if best["latency_ratio"] is None else f"{best['latency_ratio']:.3g}x"
         parts.append(f"latency budget {budget.latency:g}x of the fp32 per-layer latency cannot be met: the best "
                      f"reachable is {reached} (lower bound from each layer's fastest configuration "
                      f"{bound:.3g}x)")
     if budget.memory is not None and best["memory_ratio"] > budget.memory:
-        floor = (ev.other_bytes + sum(min(space.weight_bytes(la.name, c) for c in la.choices)
-                                      for la in space.layers))
+        floor = min(ev.other_bytes[r] + sum(min(space.weight_bytes(la.name, c, r)
+                                                for c in space.layer(la.name, r).choices) for la in space.layers)
+                    for r in space.prune_ratios)
         parts.append(f"memory budget {budget.memory:g}x of the original weight bytes cannot be met: the best "
                      f"reachable is {best['memory_ratio']:.3g}x (floor {floor:,.0f} bytes)")
     if budget.max_error is not None and best["error"] > budget.max_error:

@@ -1,4 +1,4 @@
-"""The per-layer configuration space of a compression search.
+"""The configuration space of a compression search: a model-level prune ratio and per-layer choices.
 
 Every conv2d / linear layer with constant weights (``layers`` / ``exclude`` patterns as in the
 passes) gets a list of :class:`LayerConfig` choices:
@@ -9,22 +9,42 @@ passes) gets a list of :class:`LayerConfig` choices:
 * ``tucker2[ro x ri]`` — Tucker-2 factor chain (k x k convs only) at a few ranks spread over the
   ranks that reduce MACs (``ranks_per_layer``), optionally followed by ``+int8`` on every factor.
 
-Prune ratio is a *model-level* choice (it changes the shapes every layer sees):
-``prune_ratios`` is the hook for it; only ``(1.0,)`` (no pruning) is searched so far.
+Prune ratio is a *model-level* choice (it changes the shapes every layer sees).  For every ratio
+``r < 1`` of ``prune_ratios`` the model is pruned once, before any per-layer choice, by the
+``prune-channels`` pass with ``macs=r`` and ``criterion=prune_criterion`` and the calibration feeds
+in its context: :meth:`SearchSpace.prune_pipeline` gives that pass's text, and running it on the
+same graph with the same calibration feeds reproduces the pruned model exactly.  The pass keeps at
+most ``r`` of the conv/linear MACs with one keep ratio for every channel group, in multiples of its
+``multiple``, so on a small model neighbouring ratios may prune to the same model
+(:attr:`SearchSpace.prune_stats` has the MAC ratio each reached).  Layer names survive pruning.
 
-For timing, :meth:`SearchSpace.layer_graph` builds a layer under a configuration *alone*
-(:func:`qcompile.factorize.layers.chain_graph`, the factors spliced in by the ``tucker2`` pass's
-own factorization, then the ``quantize`` pass run on that one-layer graph with synthetic
-calibration — the activation scale does not change the run time).  :meth:`SearchSpace.build`
-makes the whole model under one configuration per layer for the accuracy proxy;
-:meth:`SearchSpace.features` describes a (layer, configuration) pair for the latency predictor.
+With more than one ratio a genome starts with the ratio's index in ``prune_ratios`` (sorted,
+largest first), followed by one choice index per layer.  Choices are stated for the *unpruned*
+layers; :meth:`SearchSpace.decode` turns a genome into its ratio and each layer's configuration
+*of the pruned layer*: bits are kept, and a Tucker-2 rank ``(R_o, R_i)`` chosen for a layer of
+``O`` output channels is scaled to the ``O'`` it keeps — ``R_o' = multiple * round(R_o O' / (O
+multiple))`` clamped to ``[min(multiple, O'), O']``, ``R_i' = min(I', round_up(R_o' I' / O',
+multiple))`` (the ``tucker2`` pass's rank rule) — or dropped (the layer is not factorized) when
+that would not reduce the pruned layer's MACs.  At ratio 1 every choice is its own configuration.
+:meth:`SearchSpace.layer` with a ratio gives the pruned layer, its ``choices`` being the distinct
+configurations the layer takes under that ratio.
+
+For timing, :meth:`SearchSpace.layer_graph` builds a layer of the model pruned at a ratio under a
+configuration *alone* (:func:`qcompile.factorize.layers.chain_graph`, the factors spliced in by the
+``tucker2`` pass's own factorization of the pruned weights, then the ``quantize`` pass run on that
+one-layer graph with synthetic calibration — the activation scale does not change the run time);
+pruned shapes are new workloads of the latency cache.  :meth:`SearchSpace.build` makes the whole
+pruned model under one configuration per layer for the accuracy proxy; :meth:`SearchSpace.macs`,
+:meth:`SearchSpace.weight_bytes`, :meth:`SearchSpace.other_bytes` and :meth:`SearchSpace.features`
+(a (layer, configuration) pair for the latency predictor) follow the pruned shapes.  Each pruned
+model is held as a :class:`SearchSpace` of its own (no pruning, its layers' ``choices`` set to the
+decoded configurations), which does that model's building and costs.
 """
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -78,21 +98,33 @@ class Layer:
         return int(np.prod(self.weight_shape))
 
 
+class Decoded(NamedTuple):
+    """A genome decoded: the model-level prune ratio and each layer's configuration of the pruned layer."""
+
+    prune: float
+    configs: dict[str, LayerConfig]
+
+    def pairs(self) -> list[tuple[str, LayerConfig, float]]:
+        """``(layer, configuration, prune ratio)``: the arguments of the space's per-layer methods."""
+        return [(name, cfg, self.prune) for name, cfg in self.configs.items()]
+
+
 class SearchSpace:
-    """Per-layer choices over ``graph`` (run ``fold-bn`` first so every weight is a layer's)."""
+    """Prune ratios and per-layer choices over ``graph`` (run ``fold-bn`` first so every weight is a layer's)."""
 
     def __init__(self, graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]] | None = None, *,
                  bits: Sequence[int] = (8, 4), ranks_per_layer: int = 2, tucker_bits: Sequence[int] = (32, 8),
                  act_bits: int = 8, multiple: int = 8, layers: str = "*", exclude: str = "",
-                 prune_ratios: Sequence[float] = (1.0,)):
-        if tuple(prune_ratios) != (1.0,):
-            raise NotImplementedError("model-level prune ratios are a hook of the search space; only 1.0 is "
-                                      "searched so far")
+                 prune_ratios: Sequence[float] = (1.0,), prune_criterion: str = "magnitude"):
+        ratios = sorted({float(r) for r in prune_ratios}, reverse=True)
+        if not ratios or not all(0 < r <= 1 for r in ratios):
+            raise ValueError(f"prune_ratios are MAC fractions in (0, 1], got {tuple(prune_ratios)}")
         self.graph = graph
         self.calibration = list(calibration or [])
         self.act_bits = act_bits
         self.multiple = multiple
-        self.prune_ratios = tuple(prune_ratios)
+        self.prune_ratios = tuple(ratios)
+        self.prune_criterion = prune_criterion
         self._steps: dict[tuple[str, tuple[int, int]], list[L.Step]] = {}
         self._layer_graphs: dict[tuple[str, LayerConfig], Graph] = {}
         self.layers: list[Layer] = []
@@ -102,6 +134,44 @@ class SearchSpace:
             for rank in self._tucker_ranks(n, ranks_per_layer):
                 choices += [LayerConfig(b, rank) for b in tucker_bits]
             self.layers.append(Layer(n.name, n.op, choices, L.node_macs(graph, n), tuple(w)))
+        # per ratio below 1: the pruned model (a space of its own) and, per layer, what each choice becomes
+        self._pruned: dict[float, SearchSpace] = {}
+        self.prune_stats: dict[float, dict] = {}
+        self._decoded: dict[float, list[list[LayerConfig]]] = {1.0: [list(la.choices) for la in self.layers]}
+        for r in self.prune_ratios:
+            if r < 1.0:
+                self._prune(r, act_bits=act_bits, multiple=multiple, layers=layers, exclude=exclude)
+
+    def _prune(self, ratio: float, **options) -> None:
+        from qcompile.passes import PassManager, parse_pipeline
+
+        pm = PassManager(parse_pipeline(self.prune_pipeline(ratio)))
+        pruned = SearchSpace(pm.run(self.graph, PassContext(calibration=self.calibration or None)), self.calibration,
+                             bits=(), ranks_per_layer=0, **options)
+        if [la.name for la in pruned.layers] != [la.name for la in self.layers]:
+            raise RuntimeError(f"prune-channels (macs={ratio}) changed the searched layers: "
+                               f"{[la.name for la in self.layers]} -> {[la.name for la in pruned.layers]}")
+        self._pruned[ratio] = pruned
+        self.prune_stats[ratio] = dict(pm.records[0].stats)
+        self._decoded[ratio] = [[self._scaled(c, la, pruned.layer(la.name), pruned.graph) for c in la.choices]
+                                for la in self.layers]
+        for la, decoded in zip(pruned.layers, self._decoded[ratio]):
+            la.choices = list(dict.fromkeys(decoded))
+
+    def _scaled(self, cfg: LayerConfig, full: Layer, pruned: Layer, graph: Graph) -> LayerConfig:
+        """``cfg`` of the unpruned layer ``full`` as a configuration of ``pruned`` (module docstring)."""
+        if not cfg.rank:
+            return cfg
+        from qcompile.factorize.ranks import round_up
+        from qcompile.passes.tucker2 import Tucker2
+
+        m = self.multiple
+        o, i = pruned.weight_shape[:2]
+        r_o = min(o, max(min(m, o), m * round(cfg.rank[0] * o / (full.weight_shape[0] * m))))
+        rank = (r_o, min(i, round_up(r_o * i / o, m)))
+        if Tucker2(multiple=m).macs_of(graph, graph.node(pruned.name), rank) >= pruned.macs:
+            return LayerConfig(cfg.bits)
+        return LayerConfig(cfg.bits, rank)
 
     def _tucker_ranks(self, node: Node, count: int) -> list[tuple[int, int]]:
         if count <= 0 or node.op != "conv2d" or node.attrs["group"] != 1:
@@ -117,16 +187,64 @@ class SearchSpace:
         return [tuple(ranked[i]) for i in picks]
 
     # ------------------------------------------------------------------ access
-    def layer(self, name: str) -> Layer:
-        return next(la for la in self.layers if la.name == name)
+    def prune_pipeline(self, ratio: float) -> str:
+        """The pipeline text that prunes ``graph`` as this space does at ``ratio`` ("" for 1.0); run it with
+        the space's calibration feeds in the pass context to reproduce the pruned model exactly."""
+        if ratio >= 1.0:
+            return ""
+        from qcompile.passes.pipeline import format_value
+
+        return f"prune-channels{{macs={format_value(float(ratio))},criterion={format_value(self.prune_criterion)}}}"
+
+    def _at(self, ratio: float) -> "SearchSpace":
+        """The space whose ``graph`` is the model pruned at ``ratio`` (this one for 1.0)."""
+        if ratio == 1.0:
+            return self
+        if ratio not in self._pruned:
+            raise ValueError(f"prune ratio {ratio} is not one of this space's {self.prune_ratios}")
+        return self._pruned[ratio]
+
+    def pruned_graph(self, ratio: float) -> Graph:
+        """The model pruned at ``ratio`` (``graph`` itself for 1.0; do not mutate)."""
+        return self._at(ratio).graph
+
+    def layer(self, name: str, ratio: float = 1.0) -> Layer:
+        """The layer as it is in the model pruned at ``ratio`` (shape, MACs, the configurations it can take)."""
+        return next(la for la in self._at(ratio).layers if la.name == name)
+
+    def pairs(self) -> list[tuple[str, LayerConfig, float]]:
+        """Every distinct ``(layer, configuration, prune ratio)`` the genomes can decode to."""
+        return [(la.name, c, r) for r in self.prune_ratios for la in self._at(r).layers for c in la.choices]
 
     @property
     def size(self) -> int:
-        """Number of (layer, configuration) pairs: what measuring every candidate would time."""
-        return sum(len(la.choices) for la in self.layers)
+        """Number of (layer, configuration) pairs over every prune ratio: what measuring every candidate
+        would time."""
+        return len(self.pairs())
 
-    def decode(self, genome: Sequence[int]) -> dict[str, LayerConfig]:
-        return {la.name: la.choices[int(i)] for la, i in zip(self.layers, genome)}
+    @property
+    def upper(self) -> np.ndarray:
+        """The largest value of each genome variable (the lowest is 0): the prune-ratio index when there
+        is more than one ratio, then one choice index per layer."""
+        ratio = [len(self.prune_ratios) - 1] if len(self.prune_ratios) > 1 else []
+        return np.array(ratio + [len(la.choices) - 1 for la in self.layers], dtype=int)
+
+    def genome(self, ratio: float, choices: Sequence[int]) -> tuple[int, ...]:
+        """The genome of prune ``ratio`` with ``choices`` (one index per layer into ``layer(name).choices``)."""
+        if ratio not in self.prune_ratios:
+            raise ValueError(f"prune ratio {ratio} is not one of this space's {self.prune_ratios}")
+        head = (self.prune_ratios.index(ratio),) if len(self.prune_ratios) > 1 else ()
+        return head + tuple(int(i) for i in choices)
+
+    def decode(self, genome: Sequence[int]) -> Decoded:
+        """The prune ratio of ``genome`` and each layer's configuration of the layer pruned at that ratio."""
+        genome = [int(v) for v in genome]
+        if len(self.prune_ratios) > 1:
+            ratio, genome = self.prune_ratios[genome[0]], genome[1:]
+        else:
+            ratio = self.prune_ratios[0]
+        decoded = self._decoded[ratio]
+        return Decoded(ratio, {la.name: decoded[k][i] for k, (la, i) in enumerate(zip(self.layers, genome))})
 
     # ------------------------------------------------------------------ graphs
     def _factor_steps(self, graph: Graph, node: Node, rank: tuple[int, int]) -> list[L.Step]:
@@ -138,44 +256,34 @@ class SearchSpace:
         return self._steps[key]
 
     def _apply(self, graph: Graph, configs: Mapping[str, LayerConfig], calibration, bias_correction: bool) -> Graph:
-        from qcompile.passes.quantize import Quantize
+        """The ``layer-config`` pass's rewrite, with this space's memoised Tucker-2 factors."""
+        from qcompile.passes.layer_config import apply_layer_configs
 
-        quant, int4 = [], []
-        for name, cfg in configs.items():
-            if cfg.rank:
-                node = graph.node(name)
-                L.splice(graph, node, self._factor_steps(self.graph, self.graph.node(name), cfg.rank),
-                         {"pass": "tucker2", "method": "tucker2", "rank": cfg.rank, "search": cfg.label})
-            if cfg.bits != 32:
-                pat = glob.escape(name) + (".tucker_*" if cfg.rank else "")
-                quant.append(pat)
-                if cfg.bits == 4:
-                    int4.append(pat)
-        graph.remove_unused_constants()
-        if quant:
-            q = Quantize(layers="|".join(quant), int4="|".join(int4), act_bits=self.act_bits,
-                         bias_correction=bias_correction and bool(calibration))
-            graph = q(graph, PassContext(calibration=calibration)).graph
-        return graph
+        return apply_layer_configs(graph, configs, PassContext(calibration=calibration), act_bits=self.act_bits,
+                                   bias_correction=bias_correction,
+                                   factor_steps=lambda g, n, r: self._factor_steps(self.graph, self.graph.node(n.name), r))
 
-    def layer_graph(self, name: str, cfg: LayerConfig) -> Graph:
-        """The layer alone (its input as the graph input) under ``cfg``, for timing."""
+    def layer_graph(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> Graph:
+        """The layer of the model pruned at ``ratio`` alone (its input as the graph input) under ``cfg``
+        (a configuration of that pruned layer), for timing."""
+        space = self._at(ratio)
         key = (name, cfg)
-        if key not in self._layer_graphs:
+        if key not in space._layer_graphs:
             from qcompile.frontends import synthetic_feeds
 
-            g = L.chain_graph(self.graph, [self.graph.node(name)])
-            self._layer_graphs[key] = self._apply(g, {name: cfg}, synthetic_feeds(g, 2), bias_correction=False)
-        return self._layer_graphs[key]
+            g = L.chain_graph(space.graph, [space.graph.node(name)])
+            space._layer_graphs[key] = space._apply(g, {name: cfg}, synthetic_feeds(g, 2), bias_correction=False)
+        return space._layer_graphs[key]
 
-    def build(self, configs: Mapping[str, LayerConfig]) -> Graph:
-        """The whole model with every layer under its configuration (missing layers: fp32)."""
-        return self._apply(self.graph.clone(), {k: v for k, v in configs.items() if v != FP32}, self.calibration,
-                           bias_correction=True)
+    def build(self, configs: Mapping[str, LayerConfig], ratio: float = 1.0) -> Graph:
+        """The whole model pruned at ``ratio`` with every layer under its configuration (missing layers: fp32)."""
+        space = self._at(ratio)
+        return space._apply(space.graph.clone(), {k: v for k, v in configs.items() if v != FP32}, self.calibration,
+                            bias_correction=True)
 
     # ------------------------------------------------------------------ costs and features
-    def weight_bytes(self, name: str, cfg: LayerConfig) -> float:
-        la = self.layer(name)
+    def weight_bytes(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> float:
+        la = self.layer(name, ratio)
         if cfg.rank:
             o, i = la.weight_shape[:2]
             k = int(np.prod(la.weight_shape[2:]))
@@ -184,26 +292,29 @@ class SearchSpace:
             numel = la.weight_numel
         return numel * cfg.bits / 8
 
-    def macs(self, name: str, cfg: LayerConfig) -> int:
+    def macs(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> int:
         if not cfg.rank:
-            return self.layer(name).macs
-        return L.compute_macs(self.layer_graph(name, cfg))
+            return self.layer(name, ratio).macs
+        return L.compute_macs(self.layer_graph(name, cfg, ratio))
 
-    def other_bytes(self) -> float:
-        """Bytes of every constant that is not a searched layer's weight (biases, BN, ...)."""
-        weights = {self.graph.node(la.name).inputs[1] for la in self.layers}
-        return float(sum(self.graph.types[c].nbytes for c in self.graph.constants if c not in weights))
+    def other_bytes(self, ratio: float = 1.0) -> float:
+        """Bytes of every constant of the model pruned at ``ratio`` that is not a searched layer's weight
+        (biases, BN, ...)."""
+        space = self._at(ratio)
+        weights = {space.graph.node(la.name).inputs[1] for la in space.layers}
+        return float(sum(space.graph.types[c].nbytes for c in space.graph.constants if c not in weights))
 
     FEATURES = ("log_macs", "log_weight_bytes", "bits", "rank_ratio", "factor_nodes", "log_in_numel",
                 "log_out_numel", "kernel_area", "is_linear", "act_quantized")
 
-    def features(self, name: str, cfg: LayerConfig) -> np.ndarray:
-        la = self.layer(name)
-        node = self.graph.node(name)
+    def features(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> np.ndarray:
+        la = self.layer(name, ratio)
+        graph = self.pruned_graph(ratio)
+        node = graph.node(name)
         o, i = la.weight_shape[:2]
         rank_ratio = (cfg.rank[0] * cfg.rank[1]) / (o * i) if cfg.rank else 1.0
         return np.array([
-            np.log1p(self.macs(name, cfg)), np.log1p(self.weight_bytes(name, cfg)), cfg.bits, rank_ratio,
-            3 if cfg.rank else 1, np.log1p(self.graph.types[node.inputs[0]].numel),
-            np.log1p(self.graph.types[node.outputs[0]].numel), int(np.prod(la.weight_shape[2:])) if la.op == "conv2d" else 1,
+            np.log1p(self.macs(name, cfg, ratio)), np.log1p(self.weight_bytes(name, cfg, ratio)), cfg.bits,
+            rank_ratio, 3 if cfg.rank else 1, np.log1p(graph.types[node.inputs[0]].numel),
+            np.log1p(graph.types[node.outputs[0]].numel), int(np.prod(la.weight_shape[2:])) if la.op == "conv2d" else 1,
             float(la.op == "linear"), float(cfg.bits != 32 and self.act_bits > 0)], dtype=np.float64)

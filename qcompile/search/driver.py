@@ -1,0 +1,149 @@
+"""``qcompile search``: search, check the finalists, compile the chosen point — one call.
+
+1. load the model and its calibration feeds; ``fold-bn,dead-code``; build the per-layer space;
+2. NSGA-II over the space with per-layer latencies measured on the target (:func:`~qcompile.search.nsga.search`);
+   an infeasible budget stops here with the search's message (nothing written);
+3. finalists: validation accuracy and end-to-end latency measured (:mod:`qcompile.search.finalists`);
+4. the chosen point is compiled for the target by its replay pipeline (verified like every artifact) into
+   ``out``, together with ``search/search.json`` (budget, measurement counts, front, finalists, choice, test
+   accuracy of the choice) and ``search/front.png``, all in one atomic directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from qcompile.errors import InputError, SearchError
+from qcompile.search.nsga import Budget
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    budget: Budget = Budget()
+    max_acc_drop: float = 1.0
+    data: str = ""  # bundled data set name or .npz; "" = the model's own ``dataset``
+    bits: tuple[int, ...] = (8, 4)
+    ranks_per_layer: int = 2
+    prune_ratios: tuple[float, ...] = (1.0,)
+    pop_size: int = 16
+    generations: int = 8
+    seed: int = 0
+    use_predictor: bool = True
+    finalists: int = 4
+    rounds: int = 5
+    space_options: dict = field(default_factory=dict)
+
+
+def parse_budget(text: str) -> Budget:
+    """``"latency=0.4x,memory=0.5x"`` -> ``Budget(latency=0.4, memory=0.5)`` (ratios of the original)."""
+    kw = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("latency", "memory"):
+            raise InputError(f"bad --budget item '{item}': use latency=0.4x and/or memory=0.5x (ratios of the "
+                             "original model)")
+        try:
+            ratio = float(value.strip().rstrip("xX"))
+        except ValueError:
+            raise InputError(f"bad --budget value '{value}' for {key}: a ratio such as 0.4x") from None
+        if not ratio > 0:
+            raise InputError(f"--budget {key}={value}: the ratio must be positive")
+        kw[key] = ratio
+    return Budget(**kw)
+
+
+def _validation(data: str, dataset: str, spec: str):
+    from qcompile.finetune import load_training_data
+
+    name = data or dataset
+    if not name:
+        raise InputError(f"model '{spec}' names no labelled data set: pass --data (digits, mnist, or an .npz with "
+                         "x_val, y_val) so the finalists' accuracy can be measured")
+    d = load_training_data(name)
+    if d.val is None:
+        raise InputError(f"data '{name}' has no validation split (x_val, y_val): the search chooses on it")
+    return d
+
+
+def search_and_compile(spec: str, target: str, out: str | Path, settings: SearchSettings, *,
+                       input_shapes: dict | None = None, calibration: str | None = None, num_calibration: int = 16,
+                       force: bool = False, progress: Progress | None = None) -> dict:
+    """Run the whole search (module docstring); returns the ``search.json`` document."""
+    from qcompile.compiler import CompileOptions, compile_loaded
+    from qcompile.frontends import load_model
+    from qcompile.passes import PassContext, PassManager, parse_pipeline
+    from qcompile.search import finalists as F
+    from qcompile.search.latency_cache import LatencyCache
+    from qcompile.search.nsga import search
+    from qcompile.search.space import SearchSpace
+    from qcompile.targets import get_target
+
+    say = progress or (lambda msg: None)
+    tgt = get_target(target)
+    out = Path(out)
+    if out.exists() and not force:
+        raise InputError(f"output '{out}' already exists (use --force to replace it)")
+    if settings.max_acc_drop < 0:
+        raise InputError(f"--max-acc-drop must be >= 0, not {settings.max_acc_drop}")
+    loaded = load_model(spec, input_shapes or {}, calibration, num_calibration)
+    data = _validation(settings.data, loaded.dataset, spec)
+    if not loaded.calibration:
+        raise InputError(f"model '{spec}' has no calibration data: pass --calib FILE (real samples) for the "
+                         "search's proxy error and for quantization")
+    graph = PassManager(parse_pipeline(F.PREPARE)).run(loaded.graph)
+    space_kw = dict(bits=settings.bits, ranks_per_layer=settings.ranks_per_layer, **settings.space_options)
+    if tuple(settings.prune_ratios) != (1.0,):
+        space_kw["prune_ratios"] = tuple(settings.prune_ratios)
+    space = SearchSpace(graph, loaded.calibration, **space_kw)
+    say(f"search space: {len(space.layers)} layers, {space.size} (layer, configuration) pairs; target {target}")
+    result = search(graph, loaded.calibration, backend=target, budget=settings.budget, pop_size=settings.pop_size,
+                    generations=settings.generations, seed=settings.seed, use_predictor=settings.use_predictor,
+                    cache=LatencyCache(target), space=space)
+    say(f"search: {result.evaluations} evaluations, {result.pairs_measured}/{result.space_size} pairs measured "
+        f"({result.measurements} timed, rest cached), {result.wall_s:.1f} s — {result.message}")
+    if not result.feasible:
+        raise SearchError(f"{spec} on {target}: {result.message}")
+    x_val, y_val = data.val
+    finalists, base_acc, timing, front_acc = F.evaluate(loaded, space, result, target, x_val, y_val,
+                                             max_acc_drop=settings.max_acc_drop, count=settings.finalists,
+                                             rounds=settings.rounds, progress=say)
+    chosen = F.choose(finalists, settings.budget, settings.max_acc_drop)
+    doc = F.report(result, finalists, chosen, base_acc, timing, front_acc)
+    doc["settings"] = {"model": spec, "target": target, "data": data.name, "max_acc_drop": settings.max_acc_drop,
+                       "bits": list(settings.bits), "ranks_per_layer": settings.ranks_per_layer,
+                       "prune_ratios": list(settings.prune_ratios), "pop_size": settings.pop_size,
+                       "generations": settings.generations, "seed": settings.seed,
+                       "use_predictor": settings.use_predictor}
+    if data.test is not None:
+        from qcompile.finetune import accuracy
+
+        built = PassManager(parse_pipeline(chosen.pipeline)).run(loaded.graph,
+                                                                 PassContext(calibration=loaded.calibration))
+        doc["chosen"]["test_accuracy"] = accuracy(built, *data.test)
+        doc["original"]["test_accuracy"] = accuracy(loaded.graph, *data.test)
+    say(f"chosen: {chosen.pipeline}\n  accuracy {chosen.accuracy:.2f} % (drop {chosen.acc_drop:.2f} pt), "
+        f"{chosen.latency_ratio:.3g}x the original's latency on {target}, "
+        f"speed-up over onnxruntime fp32 on the original {chosen.speedup_vs_onnxruntime:.2f}x")
+    files = {"search/search.json": (json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n").encode(),
+             "search/front.png": F.plot_front(result, finalists, chosen, base_acc, front_acc)}
+    passes = parse_pipeline(chosen.pipeline) + parse_pipeline(",".join(tgt.phases))
+    compile_loaded(loaded, passes, tgt, out, CompileOptions(force=force),
+                   extra_files=files, extra_manifest={"search": {
+                       "file": "search/search.json", "chosen": chosen.pipeline, "accuracy": chosen.accuracy,
+                       "acc_drop": chosen.acc_drop, "latency_ratio": chosen.latency_ratio,
+                       "speedup_vs_onnxruntime": chosen.speedup_vs_onnxruntime}})
+    return doc
+
+
+def stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+__all__: Sequence[str] = ("SearchSettings", "parse_budget", "search_and_compile")

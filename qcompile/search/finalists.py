@@ -1,0 +1,189 @@
+"""Finalists of a compression search: real accuracy, end-to-end measured latency, the chosen point.
+
+The search ranks configurations by a proxy error and the sum of per-layer latencies
+(:mod:`qcompile.search.nsga`).  Both are approximations, so a few points of the front (the
+*finalists*, spread over its latency range) are checked for real:
+
+* every front point is rebuilt from its replay pipeline text (``fold-bn,dead-code[,prune-channels{...}],
+  layer-config{configs=...}``) and its top-1 accuracy measured on labelled validation data by the
+  reference interpreter (the compiled artifact is later verified against that interpreter);
+* of the points within ``max_acc_drop`` points of the original (and the memory budget), up to
+  ``count`` spread over the predicted latency (the fastest always) are the finalists: each whole
+  model, the original on the target and the original on onnxruntime fp32 are timed end to end,
+  interleaved round-robin (:func:`qcompile.bench.interleaved`), medians;
+* the chosen point is the fastest finalist whose measured latency ratio (vs the original on the
+  target) meets the budget.  When no point qualifies, :class:`~qcompile.errors.SearchError` says what
+  was missed and by how much.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from qcompile.errors import SearchError
+from qcompile.frontends import LoadedModel
+from qcompile.passes.layer_config import format_configs
+from qcompile.search.nsga import Budget, Point, SearchResult
+from qcompile.search.space import LayerConfig, SearchSpace
+
+PREPARE = "fold-bn,dead-code"
+"""What :func:`qcompile.search.nsga.search` runs before building its space; every replay pipeline starts so."""
+
+
+@dataclass
+class Finalist:
+    pipeline: str
+    proxy_error: float
+    predicted_latency_ratio: float  # sum of per-layer latencies vs the all-fp32 sum (the search's estimate)
+    memory_ratio: float
+    accuracy: float  # top-1 percent on the validation data
+    acc_drop: float  # points below the original
+    latency_s: float  # measured end to end on the target (median)
+    latency_ratio: float  # vs the original on the target, measured in the same interleaved run
+    speedup_vs_onnxruntime: float  # original on onnxruntime fp32 / this point on the target
+    misses: list[str]
+
+    @property
+    def qualifies(self) -> bool:
+        return not self.misses
+
+
+def point_pipeline(space: SearchSpace, point: Point) -> str:
+    """The pipeline text that rebuilds ``point`` from the original model."""
+    parts = [PREPARE]
+    prune = getattr(point, "prune", 1.0)
+    if prune < 1.0:
+        parts.append(space.prune_pipeline(prune))
+    configs = format_configs({n: LayerConfig.parse(c) for n, c in point.configs.items()})
+    if configs:
+        act = "" if space.act_bits == 8 else f",act_bits={space.act_bits}"
+        parts.append(f'layer-config{{configs="{configs}"{act}}}')
+    return ",".join(parts)
+
+
+def pick(front: Sequence[Point], count: int) -> list[Point]:
+    """Up to ``count`` points spread evenly over the front's latency range (fastest always included)."""
+    pts = sorted(front, key=lambda p: p.latency_s)
+    if len(pts) <= count:
+        return pts
+    idx = sorted({int(i) for i in np.linspace(0, len(pts) - 1, count).round()})
+    return [pts[i] for i in idx]
+
+
+def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, target: str,
+             images: np.ndarray, labels: np.ndarray, *, max_acc_drop: float, count: int = 4, rounds: int = 5,
+             number: int = 10, progress=None) -> tuple[list[Finalist], float, dict, list[float]]:
+    """(finalists, original accuracy, timing of the originals, accuracy of every front point).
+
+    Accuracy is cheap (batched reference interpreter), so every front point gets it; end-to-end timing is
+    not, so only ``count`` of the points within ``max_acc_drop`` (and the memory budget) are timed, spread
+    over their predicted latency with the fastest always included."""
+    from qcompile.bench import interleaved
+    from qcompile.factorize.latency import runner_for
+    from qcompile.finetune import accuracy
+    from qcompile.passes import PassContext, PassManager, parse_pipeline
+
+    ctx = PassContext(calibration=loaded.calibration)
+    base_acc = accuracy(loaded.graph, images, labels)
+    built: dict[int, tuple[str, object, float]] = {}
+    for k, p in enumerate(result.front):
+        text = point_pipeline(space, p)
+        g = PassManager(parse_pipeline(text)).run(loaded.graph, ctx)
+        built[id(p)] = (text, g, accuracy(g, images, labels))
+        if progress and (k + 1) % 10 == 0:
+            progress(f"validation accuracy of front point {k + 1}/{len(result.front)}")
+    front_acc = [built[id(p)][2] for p in result.front]
+    within = [p for p in result.front if base_acc - built[id(p)][2] <= max_acc_drop
+              and (result.budget.memory is None or p.memory_ratio <= result.budget.memory)]
+    if not within:
+        best = max(result.front, key=lambda p: built[id(p)][2])
+        raise SearchError(f"no point of the front keeps the accuracy within {max_acc_drop:g} pt of the original's "
+                          f"{base_acc:.2f} % on the validation data: the best front point reaches "
+                          f"{built[id(best)][2]:.2f} % ({best.latency_ratio:.3g}x predicted latency); relax "
+                          "--max-acc-drop or the budget, offer gentler choices (--bits 8, fewer ranks), or "
+                          "fine-tune after compressing")
+    chosen = pick(within, count)
+    feed = loaded.calibration[0] if loaded.calibration else None
+    runs = {"original@target": runner_for(loaded.graph, target, feed=feed),
+            "original@onnxruntime": runner_for(loaded.graph, "onnxruntime", feed=feed)}
+    runs.update({i: runner_for(built[id(p)][1], target, feed=feed) for i, p in enumerate(chosen)})
+    if progress:
+        progress(f"timing {len(chosen)} finalist(s) and the original end to end on {target}, interleaved")
+    med = {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number).items()}
+    base_t, ort_t = med["original@target"], med["original@onnxruntime"]
+    out = []
+    for i, p in enumerate(chosen):
+        text, _, acc = built[id(p)]
+        lat = med[i]
+        misses = []
+        if result.budget.latency is not None and lat / base_t > result.budget.latency:
+            misses.append(f"measured latency {lat / base_t:.3g}x > {result.budget.latency:g}x")
+        out.append(Finalist(text, p.error, p.latency_ratio, p.memory_ratio, acc, base_acc - acc, lat, lat / base_t,
+                            ort_t / lat, misses))
+    return out, base_acc, {"original_target_s": base_t, "original_onnxruntime_s": ort_t}, front_acc
+
+
+def choose(finalists: Sequence[Finalist], budget: Budget, max_acc_drop: float) -> Finalist:
+    ok = [f for f in finalists if f.qualifies]
+    if ok:
+        return min(ok, key=lambda f: f.latency_s)
+    lines = [f"  {f.pipeline}\n    accuracy drop {f.acc_drop:.2f} pt, measured latency {f.latency_ratio:.3g}x: "
+             + "; ".join(f.misses) for f in finalists]
+    raise SearchError(f"no finalist meets the budget (max accuracy drop {max_acc_drop:g} pt"
+                      + (f", latency {budget.latency:g}x" if budget.latency is not None else "")
+                      + (f", memory {budget.memory:g}x" if budget.memory is not None else "")
+                      + ") when measured end to end:\n" + "\n".join(lines)
+                      + "\nrelax the budget, search longer (--generations), or fine-tune the result")
+
+
+def report(result: SearchResult, finalists: Sequence[Finalist], chosen: Finalist, base_acc: float,
+           timing: dict, front_acc: Sequence[float]) -> dict:
+    """The search's JSON record: budget, measurement counts, the front (with each point's validation
+    accuracy), the finalists, the choice."""
+    doc = result.to_json()
+    for p, acc in zip(doc["front"], front_acc):
+        p["accuracy"] = acc
+    doc["original"] = {"accuracy": base_acc, **timing}
+    doc["finalists"] = [asdict(f) for f in finalists]
+    doc["chosen"] = asdict(chosen)
+    return doc
+
+
+def plot_front(result: SearchResult, finalists: Sequence[Finalist], chosen: Finalist, base_acc: float,
+               front_acc: Sequence[float]) -> bytes:
+    """PNG: the front (proxy error vs predicted latency ratio, colour = memory ratio) and, beside it,
+    accuracy drop vs latency ratio: every front point at its predicted ratio, the finalists at their
+    measured end-to-end ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    pts = result.front
+    sc = a.scatter([p.latency_ratio for p in pts], [p.error for p in pts], c=[p.memory_ratio for p in pts],
+                   cmap="viridis", s=28)
+    fig.colorbar(sc, ax=a, label="weight bytes / original")
+    a.set_xlabel(f"per-layer latency sum / fp32 ({result.backend}, measured per layer)")
+    a.set_ylabel("proxy error (relative output L2)")
+    a.set_title(f"Pareto front: {len(pts)} points, {result.pairs_measured}/{result.space_size} pairs measured")
+    a.grid(alpha=0.3)
+    b.scatter([p.latency_ratio for p in pts], [base_acc - a for a in front_acc], s=18, c="lightgray",
+              label="front (predicted latency)")
+    b.scatter([f.latency_ratio for f in finalists], [f.acc_drop for f in finalists], s=40,
+              label="finalists (measured latency)")
+    b.scatter([chosen.latency_ratio], [chosen.acc_drop], marker="*", s=220, c="crimson", label="chosen")
+    b.set_xlabel(f"latency / original ({result.backend})")
+    b.set_ylabel("validation accuracy drop (points)")
+    b.set_title("real accuracy; finalists timed end to end")
+    b.grid(alpha=0.3)
+    b.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

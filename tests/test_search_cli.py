@@ -1,0 +1,127 @@
+"""``qcompile search`` end to end and the ``layer-config`` pass that replays a chosen point.
+
+The bundled digits CNN on onnxruntime (real scikit-learn digits for calibration and accuracy), tiny
+populations, every latency cache under tmp_path (QCOMPILE_CACHE).
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from qcompile.cli import main
+from qcompile.errors import PipelineError, SearchError
+from qcompile.passes import PassContext, PassManager, parse_pipeline
+from qcompile.search import LayerConfig, SearchSpace
+from qcompile.search.driver import parse_budget
+
+DIGITS = "qcompile.models.digits:digits_cnn"
+SMALL = ["--pop", "8", "--generations", "2", "--ranks-per-layer", "1", "--finalists", "2", "--rounds", "2", "-q"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from qcompile.frontends import load_model
+
+    m = load_model(DIGITS, num_calibration=8)
+    graph = PassManager(parse_pipeline("fold-bn,dead-code")).run(m.graph)
+    return m, graph, SearchSpace(graph, m.calibration, ranks_per_layer=1)
+
+
+def test_layer_config_pass_rebuilds_what_the_search_space_builds(digits):
+    m, graph, space = digits
+    conv = space.layer("conv_out.0")
+    rank = next(c.rank for c in conv.choices if c.rank)
+    configs = {"stem.0": LayerConfig(8), "conv_out.0": LayerConfig(8, rank), "fc": LayerConfig(4)}
+    text = ";".join(f"{n}={c.label}" for n, c in configs.items())
+    replayed = PassManager(parse_pipeline(f'layer-config{{configs="{text}"}}')).run(
+        graph, PassContext(calibration=m.calibration))
+    built = space.build(configs)
+    from qcompile.passes.manager import run_reference
+
+    a, b = run_reference(replayed, m.calibration), run_reference(built, m.calibration)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)  # fp32: the same rewrite, the same numbers
+    ops = [n.op for n in replayed.nodes]
+    assert ops.count("conv2d") == 6 + 2 and "dequantize_linear" in ops  # conv_out.0 became three factor convs
+    fc_w = next(n for n in replayed.nodes if n.name.startswith("fc") and n.op == "dequantize_linear")
+    q = replayed.constants[fc_w.inputs[0]]
+    assert q.min() >= -8 and q.max() <= 7  # int4 grid
+
+
+@pytest.mark.parametrize("configs, needle", [
+    ("nope=int8", "'nope' is not a conv2d/linear layer"),
+    ("fc=tucker2[4x4]", "layer 'fc' (linear) cannot take Tucker-2"),
+    ("conv_out.0=tucker2[999x8]", "rank 999x8 outside"),
+    ("fc=int6", "6-bit weights are not supported"),
+    ("fc", "is not layer=choice"),
+    ("fc=int8+tucker2[4x4]", "not canonical"),
+])
+def test_layer_config_refuses_bad_choices_naming_the_layer(digits, configs, needle):
+    m, graph, _ = digits
+    with pytest.raises(PipelineError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        PassManager(parse_pipeline(f'layer-config{{configs="{configs}"}}')).run(
+            graph, PassContext(calibration=m.calibration))
+
+
+def test_budget_text():
+    b = parse_budget("latency=0.4x, memory=0.5")
+    assert (b.latency, b.memory, b.max_error) == (0.4, 0.5, None)
+    for bad in ("speed=2x", "latency=fast", "latency=-1x", "latency"):
+        with pytest.raises(Exception, match="budget"):
+            parse_budget(bad)
+
+
+def test_search_cli_compiles_a_checked_point_and_writes_the_front(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rc = main(["search", DIGITS, "-t", "onnxruntime", "-o", str(out), "--budget", "memory=0.5x",
+               "--max-acc-drop", "1", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    doc = json.loads((out / "search" / "search.json").read_text())
+    assert {"search/search.json", "search/front.png"} <= set(manifest["files"])  # hashed with the artifact
+    assert (out / "search" / "front.png").read_bytes()[:4] == b"\x89PNG"
+    chosen = doc["chosen"]
+    assert manifest["pipeline"].startswith(chosen["pipeline"])  # the artifact is the chosen point
+    assert chosen["acc_drop"] <= 1.0 and chosen["memory_ratio"] <= 0.5
+    assert chosen["accuracy"] == pytest.approx(doc["original"]["accuracy"] - chosen["acc_drop"])
+    assert chosen["latency_s"] > 0 and doc["original"]["original_onnxruntime_s"] > 0
+    assert all("accuracy" in p for p in doc["front"]) and 1 <= len(doc["finalists"]) <= 2
+    # the front is non-dominated in (proxy error, latency, bytes)
+    objs = [(p["error"], p["latency_s"], p["weight_bytes"]) for p in doc["front"]]
+    for a in objs:
+        assert not any(all(x <= y for x, y in zip(b, a)) and b != a for b in objs)
+    # cached measurements: the latency cache was written and a second search times nothing new
+    assert doc["measurements"] > 0 and (tmp_path / "cache" / "latency" / "onnxruntime.json").exists()
+    rc = main(["search", DIGITS, "-t", "onnxruntime", "-o", str(tmp_path / "again"), "--budget", "memory=0.5x",
+               *SMALL])
+    assert rc == 0
+    again = json.loads((tmp_path / "again" / "search" / "search.json").read_text())
+    assert again["measurements"] == 0 and again["cache"]["hits"] > 0
+    # the recorded pipeline replays through `qcompile compile` to the same model
+    rc = main(["compile", DIGITS, "-p", chosen["pipeline"], "-t", "onnxruntime", "-o", str(tmp_path / "replay")])
+    assert rc == 0
+    assert (tmp_path / "replay" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_infeasible_budget_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rc = main(["search", DIGITS, "-o", str(out), "--budget", "memory=0.01x", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and "memory budget 0.01x" in err and "cannot be met" in err
+    assert not out.exists()
+
+
+def test_no_front_point_within_the_accuracy_drop_is_an_error(digits, tmp_path):
+    from qcompile.finetune import load_training_data
+    from qcompile.search import LatencyCache, search
+    from qcompile.search import finalists as F
+
+    m, graph, space = digits
+    result = search(graph, m.calibration, space=space, pop_size=6, generations=1,
+                    cache=LatencyCache("onnxruntime", tmp_path / "lat.json"))
+    x, y = load_training_data("digits").val
+    with pytest.raises(SearchError, match="no point of the front keeps the accuracy within -1 pt"):
+        F.evaluate(m, space, result, "onnxruntime", x, y, max_acc_drop=-1.0)
