@@ -88,6 +88,8 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
     from qcompile.passes import PassContext, PassManager, parse_pipeline
 
     ctx = PassContext(calibration=loaded.calibration)
+    if not result.front:
+        raise SearchError(f"the search found no feasible point: {result.message}")
     base_acc = accuracy(loaded.graph, images, labels)
     built: dict[int, tuple[str, object, float]] = {}
     for k, p in enumerate(result.front):

@@ -44,7 +44,7 @@ import numpy as np
 from qcompile.ir.graph import Graph
 from qcompile.search.latency_cache import LatencyCache
 from qcompile.search.predictor import LatencyPredictor
-from qcompile.search.space import FP32, LayerConfig, SearchSpace
+from qcompile.search.space import FP32, Decoded, LayerConfig, SearchSpace
 
 Pair = tuple[str, LayerConfig, float]  # (layer, configuration of the pruned layer, prune ratio)
 
@@ -126,16 +126,9 @@ class _Evaluator:
         self.predictor = predictor
         self.known: dict[Pair, float] = {}
         self.features = {p: space.features(*p) for p in dict.fromkeys([*baseline, *space.pairs()])}
-        self.ref = self._outputs(space.graph)
+        self.ref = space.outputs(None)
         self.errors: dict[tuple, float] = {}
         self.other_bytes = {r: space.other_bytes(r) for r in {1.0, *space.prune_ratios}}
-
-    def _outputs(self, graph: Graph) -> list[np.ndarray]:
-        """The graph's outputs on every calibration feed (reference interpreter, batched)."""
-        from qcompile.factorize.layers import capture
-
-        got = capture(graph, self.space.calibration, graph.outputs)
-        return [got[v] for v in graph.outputs]
 
     def measure(self, pairs) -> None:
         pairs = [p for p in dict.fromkeys(pairs) if p not in self.known]
@@ -154,7 +147,7 @@ class _Evaluator:
     def error(self, ratio: float, configs: Mapping[str, LayerConfig]) -> float:
         key = (ratio, tuple(configs.items()))
         if key not in self.errors:
-            outs = self._outputs(self.space.build(configs, ratio))
+            outs = self.space.outputs(Decoded(ratio, dict(configs)))
             num = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outs, self.ref))
             den = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in self.ref)
             self.errors[key] = float(np.sqrt(num / max(den, 1e-30)))

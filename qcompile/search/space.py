@@ -281,6 +281,13 @@ class SearchSpace:
         return space._apply(space.graph.clone(), {k: v for k, v in configs.items() if v != FP32}, self.calibration,
                             bias_correction=True)
 
+    def outputs(self, decoded: Decoded | None) -> list[np.ndarray]:
+        """The outputs of the model under ``decoded`` (None: the original) on every calibration feed, by the
+        reference interpreter, batched: what the search's proxy error compares."""
+        graph = self.graph if decoded is None else self.build(decoded.configs, decoded.prune)
+        got = L.capture(graph, self.calibration, graph.outputs)
+        return [got[v] for v in graph.outputs]
+
     # ------------------------------------------------------------------ costs and features
     def weight_bytes(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> float:
         la = self.layer(name, ratio)
