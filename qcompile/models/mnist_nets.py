@@ -209,8 +209,9 @@ class ResNet18(_Net):
     Exactly the zoo's ``ResNet18`` — conv7x7/2 64, maxpool 3/2, four stages of two basic blocks at 64,
     128, 256, 512 channels (stages 2-4 strided, with 1x1 projections), global average pool, linear —
     with a 1-channel stem and 10 classes: 28 -> 14 -> 7 -> 7 -> 4 -> 2 -> 1 pixels, 11.2 M parameters,
-    ~28 M MACs per image.  At batch 1 its latency is dominated by streaming the 45 MB of fp32 weights
-    (stage 4 runs on a 1x1 map), the regime of edge inference where fewer weight bytes pay off.
+    33,005,824 conv MACs per image.  Its deep stages see tiny maps (stage 4 runs on 1x1), so at batch 1
+    most of the 45 MB of fp32 weights are read for few MACs: weight bytes matter as much as MACs.
+    Trained like the others (6 epochs): 97.2 % validation, 97.6 % test accuracy.
     """
 
     def __init__(self):
