@@ -30,6 +30,9 @@ one's measurements.
   fit on the fp32 baseline plus k random pairs and scored on the other pairs (Spearman rank
   correlation, median |log(predicted / measured)|).
 
+``plot X.json``: hypervolumes and summary recomputed from the stored fronts, the table printed and
+``X.png`` redrawn.
+
 Writes ``<tag>.json`` and ``<tag>.png`` under ``--out`` (default tag: ``predictor_<models>`` plus the
 budget, e.g. ``predictor_resnet_style_mem0.5_err0.3``).
 """
@@ -132,7 +135,8 @@ def _run(graph, calib, space, args, budget, use_predictor: bool, seed: int, tmp:
            "pairs_measured": r.pairs_measured, "space_size": r.space_size, "measurements": r.measurements,
            "pairs_saved": r.measurements_saved, "pairs_saved_pct": 100.0 * r.measurements_saved / r.space_size,
            "evaluations": r.evaluations, "generations": r.generations, "feasible": r.feasible,
-           "message": r.message, "baseline_latency_s": r.baseline_latency_s, "all_measured": all(p.measured for p in r.front),
+           "message": r.message, "baseline_latency_s": r.baseline_latency_s,
+           "all_measured": all(p.measured for p in r.front),
            "front": [{"configs": p.configs, "prune": float(getattr(p, "prune", 1.0)), "error": p.error,
                       "latency_ratio_self": p.latency_ratio, "memory_ratio": p.memory_ratio} for p in r.front]}
     return row, r.front
@@ -158,6 +162,44 @@ def _hv(points: np.ndarray, lo: np.ndarray, hi: np.ndarray, ref: float) -> float
         return 0.0
     scale = np.where(hi - lo > 0, hi - lo, 1.0)
     return float(HV(ref_point=np.full(points.shape[1], ref))((points - lo) / scale))
+
+
+def _score(row: dict, hv_ref: float) -> None:
+    """Hypervolumes, per-seed pairs and the summary of one model's runs (in place).
+
+    ``hv``: fronts re-scored with the referee latencies, normalised by the minimum and maximum of each
+    objective over every front of the model (both variants, all seeds); ``hv_self``: the same with
+    each run's own latencies (normalised over those)."""
+    runs = row["runs"]
+
+    def objs(run: dict, key: str) -> np.ndarray:
+        return np.array([[d["error"], d[key], d["memory_ratio"]] for d in run["front"]]).reshape(-1, 3)
+
+    row["normalisation"] = {"objectives": ["error", "latency_ratio", "memory_ratio"], "reference": hv_ref}
+    for key, hv_key in (("latency_ratio", "hv"), ("latency_ratio_self", "hv_self")):
+        union = np.concatenate([objs(r, key) for r in runs])
+        lo, hi = (union.min(0), union.max(0)) if len(union) else (np.zeros(3), np.ones(3))
+        row["normalisation"][hv_key] = {"min": lo.tolist(), "max": hi.tolist()}
+        for r in runs:
+            r[hv_key] = _hv(objs(r, key), lo, hi, hv_ref)
+    for r in runs:
+        r["other_s"] = r["wall_s"] - r["measure_s"]
+    paired = []
+    for seed in sorted({r["seed"] for r in runs}):
+        p, e = (next(r for r in runs if r["seed"] == seed and r["variant"] == v) for v in VARIANTS)
+        paired.append({"seed": seed, "hv_ratio": p["hv"] / e["hv"] if e["hv"] else None,
+                       "hv_self_ratio": p["hv_self"] / e["hv_self"] if e["hv_self"] else None,
+                       "pairs_saved": e["pairs_measured"] - p["pairs_measured"],
+                       "workloads_saved": e["measurements"] - p["measurements"],
+                       "wall_ratio": p["wall_s"] / e["wall_s"], "measure_ratio": p["measure_s"] / e["measure_s"]})
+    row["paired"] = paired
+    row["summary"] = {v: {k: float(np.mean([r[k] for r in runs if r["variant"] == v]))
+                          for k in ("pairs_measured", "measurements", "pairs_saved", "pairs_saved_pct", "hv", "hv_self",
+                                    "wall_s", "measure_s", "other_s", "evaluations")} for v in VARIANTS}
+    for key in ("hv_ratio", "hv_self_ratio"):
+        ratios = [s[key] for s in paired if s[key] is not None]
+        row["summary"][key + "_mean"] = float(np.mean(ratios)) if ratios else None
+        row["summary"][key + "_range"] = [float(min(ratios)), float(max(ratios))] if ratios else None
 
 
 def _predictor_check(space, referee: dict, rng_seed: int = 0, repeats: int = 5) -> list[dict]:
@@ -251,31 +293,11 @@ def predictor(args) -> None:
         for row, front in zip(runs, fronts):
             for d, p in zip(row["front"], front):
                 d["latency_ratio"] = _point_latency(p, referee) / base
-        objs = lambda row, key: np.array([[d["error"], d[key], d["memory_ratio"]] for d in row["front"]]).reshape(-1, 3)  # noqa: E731
-        union = np.concatenate([objs(r, "latency_ratio") for r in runs] + [objs(r, "latency_ratio_self") for r in runs])
-        lo, hi = (union.min(0), union.max(0)) if len(union) else (np.zeros(3), np.ones(3))
-        for r in runs:
-            r["hv"] = _hv(objs(r, "latency_ratio"), lo, hi, args.hv_ref)
-            r["hv_self"] = _hv(objs(r, "latency_ratio_self"), lo, hi, args.hv_ref)
-        per_seed = []
-        for seed in seeds:
-            p, e = (next(r for r in runs if r["seed"] == seed and r["variant"] == v) for v in VARIANTS)
-            per_seed.append({"seed": seed, "hv_ratio": p["hv"] / e["hv"] if e["hv"] else None,
-                             "pairs_saved": e["pairs_measured"] - p["pairs_measured"],
-                             "workloads_saved": e["measurements"] - p["measurements"],
-                             "wall_ratio": p["wall_s"] / e["wall_s"]})
         check = _predictor_check(space, referee)
         row = {"model": model, "spec": _spec(model), "layers": len(space.layers), "space_size": space.size,
-               "distinct_workloads": ref_info["workloads"], "space_build_s": t_space, "normalisation":
-               {"min": lo.tolist(), "max": hi.tolist(), "objectives": ["error", "latency_ratio", "memory_ratio"]},
-               "referee": ref_info, "referee_baseline_s": base, "runs": runs, "paired": per_seed,
-               "predictor_check": check}
-        row["summary"] = {v: {k: float(np.mean([r[k] for r in runs if r["variant"] == v]))
-                              for k in ("pairs_measured", "measurements", "pairs_saved", "pairs_saved_pct", "hv",
-                                        "hv_self", "wall_s", "measure_s", "evaluations")} for v in VARIANTS}
-        ratios = [s["hv_ratio"] for s in per_seed if s["hv_ratio"] is not None]
-        row["summary"]["hv_ratio_mean"] = float(np.mean(ratios)) if ratios else None
-        row["summary"]["hv_ratio_range"] = [float(min(ratios)), float(max(ratios))] if ratios else None
+               "distinct_workloads": ref_info["workloads"], "space_build_s": t_space, "referee": ref_info,
+               "referee_baseline_s": base, "runs": runs, "predictor_check": check}
+        _score(row, args.hv_ref)
         results["models"].append(row)
         for c in check:
             print(f"  predictor check {c['kind']:5s} trained on {c['train_pairs']:3d} pairs: Spearman "
@@ -288,26 +310,40 @@ def predictor(args) -> None:
     print(f"\nwrote {out / (tag + '.json')} and {out / (tag + '.png')} ({results['total_s']:.0f}s in all)")
 
 
+def _budget_text(budget: dict) -> str:
+    names = {"latency": "latency ratio", "memory": "memory ratio", "max_error": "proxy error"}
+    text = ", ".join(f"{names[k]} <= {v:g}" for k, v in budget.items() if v is not None)
+    return text or "none"
+
+
 def _table(results) -> None:
     m = results["machine"]
-    print(f"\nmachine: {m.get('cpu')}, {m['affinity']} cores (shared: load average {m['loadavg_start'][0]:.1f} at start, "
+    print(f"\nmachine: {m.get('cpu')}, {m['affinity']} cores (shared: load average {m['loadavg_start'][0]:.1f} "
+          f"at start, "
           f"{m['loadavg_end'][0]:.1f} at end); backend {results['backend']}; pop {results['pop_size']} x "
-          f"{results['generations']} generations; seeds {results['seeds']}; budget {results['budget']}")
+          f"{results['generations']} generations; seeds {results['seeds']}; budget: {_budget_text(results['budget'])}")
     head = (f"{'model':14s} {'variant':10s} {'pairs measured':>15s} {'saved':>12s} {'workloads':>9s} "
-            f"{'HV (referee)':>12s} {'HV ratio':>9s} {'wall s':>7s} {'timing s':>8s}")
+            f"{'HV (referee)':>12s} {'HV ratio':>9s} {'HV own ratio':>12s} {'wall s':>7s} {'timing s':>8s} "
+            f"{'other s':>7s}")
     print(head)
     print("-" * len(head))
     for r in results["models"]:
         s = r["summary"]
         for v in VARIANTS:
             x = s[v]
-            hv_ratio = (f"{s['hv_ratio_mean']:.3f}" if s["hv_ratio_mean"] is not None else "-") if v == VARIANTS[0] else ""
+            first = v == VARIANTS[0]
+            ratio = f"{s['hv_ratio_mean']:.3f}" if first and s["hv_ratio_mean"] is not None else ""
+            own = f"{s['hv_self_ratio_mean']:.3f}" if first and s["hv_self_ratio_mean"] is not None else ""
             print(f"{r['model']:14s} {v:10s} {x['pairs_measured']:7.1f}/{r['space_size']:<7d} "
                   f"{x['pairs_saved']:5.1f} ({x['pairs_saved_pct']:4.1f}%) {x['measurements']:9.1f} {x['hv']:12.4f} "
-                  f"{hv_ratio:>9s} {x['wall_s']:7.1f} {x['measure_s']:8.1f}")
+                  f"{ratio:>9s} {own:>12s} {x['wall_s']:7.1f} {x['measure_s']:8.1f} {x['other_s']:7.1f}")
         per = ", ".join(f"s{p['seed']}: {p['pairs_saved']:+d} pairs, HV x{p['hv_ratio']:.3f}" if p["hv_ratio"] else
                         f"s{p['seed']}: {p['pairs_saved']:+d} pairs" for p in r["paired"])
         print(f"{'':14s} per seed (predictor vs exhaustive): {per}")
+    print("HV: hypervolume of the returned front re-scored with one referee timing of every pair (mean over seeds);"
+          " HV ratio: predictor / exhaustive, paired by seed (mean); HV own: with each run's own timings; "
+          "wall s: SearchResult.wall_s; timing s: inside the latency measurements; other s: the rest (proxy error "
+          "evaluations, NSGA-II, predictor fits)")
 
 
 def _plot(results, path: Path) -> None:
@@ -337,7 +373,7 @@ def _plot(results, path: Path) -> None:
             vals = [next(q for q in r["runs"] if q["seed"] == s["seed"] and q["variant"] == v) for s in r["paired"]]
             ax.bar(x + (j - 0.5) * 0.38, [q["pairs_measured"] for q in vals], 0.38, color=colors[v], label=f"{v} pairs")
             ax.bar(x + (j - 0.5) * 0.38, [q["measurements"] for q in vals], 0.38, color="none", edgecolor="k",
-                   hatch="//", label=f"{v} workloads timed" if j == 0 else None)
+                   hatch="//", label="distinct workloads timed" if j == 0 else None)
         ax.axhline(r["space_size"], color="k", ls="--", lw=1, label="space size (pairs)")
         ax.set_xticks(x, [f"seed {s['seed']}" for s in r["paired"]])
         ax.set_ylabel("measured")
@@ -353,9 +389,19 @@ def _plot(results, path: Path) -> None:
         ax.legend(fontsize=6)
     m = results["machine"]
     fig.suptitle(f"{m.get('cpu')}, {m['affinity']} cores (shared), {results['backend']}, pop {results['pop_size']} x "
-                 f"{results['generations']} gen, budget {results['budget']}", fontsize=8)
+                 f"{results['generations']} gen, budget: {_budget_text(results['budget'])}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def replot(args) -> None:
+    for name in args.json:
+        results = json.loads(Path(name).read_text())
+        for row in results["models"]:  # recompute the scores from the stored fronts (same definitions)
+            _score(row, results["hv_reference"])
+        Path(name).write_text(json.dumps(results, indent=2))
+        _table(results)
+        _plot(results, Path(name).with_suffix(".png"))
 
 
 def main() -> int:
@@ -376,8 +422,10 @@ def main() -> int:
     p.add_argument("--referee-rounds", type=int, default=5)
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="benchmarks/results/search")
+    rp = sub.add_parser("plot", help="print the table and redraw the PNG of a written JSON")
+    rp.add_argument("json", nargs="+")
     args = ap.parse_args()
-    {"predictor": predictor}[args.part](args)
+    {"predictor": predictor, "plot": replot}[args.part](args)
     return 0
 
 

@@ -19,11 +19,13 @@ pipeline text that reproduces its pruned model, on which ``Point.configs`` (labe
 of the pruned layers) are applied.
 
 With ``use_predictor`` only every unpruned layer's fp32 configuration (the baseline) and
-``seed_measurements`` random pairs (of any prune ratio) are measured up front; after each
+``seed_measurements`` random pairs (of any prune ratio; drawn from their own generator, so the first
+population is the same with and without the predictor) are measured up front; after each
 generation, the unmeasured (layer, configuration) pairs used by the current non-dominated feasible
 individuals are measured (at most ``measure_per_generation``, the most used first) and the
-predictor refit.  At the end the finalists' pairs are all measured and the front recomputed until
-it consists of fully measured points only.  Without the predictor every pair of the space is
+predictor refit (``predictor``: ``ridge`` or ``gbm``).  At the end the pairs of up to ``final_points``
+non-dominated points, spread over their latency, are measured and the front recomputed until those
+are fully measured; unmeasured points never enter the returned front.  Without the predictor every pair of the space is
 measured before the search.  The result records how many (layer, configuration) pairs, over every
 prune ratio, had to be measured vs the size of the space (``measurements_saved``) and how many
 distinct workloads were actually timed (cache misses; layers of equal shapes share one).
@@ -169,7 +171,8 @@ def _violations(p: Point, budget: Budget) -> list[float]:
 
 def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, backend: str = "onnxruntime",
            budget: Budget = Budget(), pop_size: int = 16, generations: int = 8, seed: int = 0,
-           use_predictor: bool = True, seed_measurements: int = 4, measure_per_generation: int = 4,
+           use_predictor: bool = True, predictor: str = "ridge", seed_measurements: int = 4,
+           measure_per_generation: int = 4, final_points: int = 12,
            cache: LatencyCache | None = None, space: SearchSpace | None = None, prepare: bool = True,
            **space_options) -> SearchResult:
     """Pareto front of (proxy error, latency, weight bytes) over prune ratios and per-layer configurations
@@ -198,11 +201,12 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
     cache = cache or LatencyCache(backend)
     hits0, misses0 = cache.hits, cache.misses
     baseline: list[Pair] = [(la.name, FP32, 1.0) for la in space.layers]  # the unpruned all-fp32 model
-    ev = _Evaluator(space, cache, LatencyPredictor() if use_predictor else None, baseline)
-    rng = np.random.default_rng(seed)
+    ev = _Evaluator(space, cache, LatencyPredictor(predictor) if use_predictor else None, baseline)
+    rng = np.random.default_rng(seed)  # the first population: the same with and without the predictor
+    pick_rng = np.random.default_rng([seed, 1])  # the predictor's seed measurements
     if use_predictor:
         others = [p for p in space.pairs() if p not in baseline]
-        picks = rng.choice(len(others), size=min(seed_measurements, len(others)), replace=False)
+        picks = pick_rng.choice(len(others), size=min(seed_measurements, len(others)), replace=False)
         ev.measure(baseline + [others[i] for i in picks])
     else:
         ev.measure(baseline + space.pairs())
@@ -263,9 +267,16 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
                 ev.measure(todo)
                 refresh()
 
-    # finalists: measure everything the front uses until the front is fully measured
+    # finalists: measure what up to final_points non-dominated points (spread over latency) use, until
+    # those are fully measured; measuring every pair of a large front would save nothing (benchmarks/search.py)
+    def spread(genomes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        gs = sorted(genomes, key=lambda g: archive[g].latency_s)
+        if len(gs) <= final_points:
+            return gs
+        return [gs[i] for i in sorted({int(i) for i in np.linspace(0, len(gs) - 1, final_points).round()})]
+
     for _ in range(10):
-        missing = [pair for g in promising() for pair in space.decode(g).pairs() if pair not in ev.known]
+        missing = [pair for g in spread(promising()) for pair in space.decode(g).pairs() if pair not in ev.known]
         if not missing:
             break
         ev.measure(missing)

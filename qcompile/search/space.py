@@ -300,9 +300,13 @@ class SearchSpace:
         return numel * cfg.bits / 8
 
     def macs(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> int:
+        """MACs of the layer under ``cfg`` (Tucker-2: the chain's analytic count; no graph is built)."""
         if not cfg.rank:
             return self.layer(name, ratio).macs
-        return L.compute_macs(self.layer_graph(name, cfg, ratio))
+        from qcompile.passes.tucker2 import Tucker2
+
+        graph = self.pruned_graph(ratio)
+        return int(Tucker2().macs_of(graph, graph.node(name), cfg.rank))
 
     def other_bytes(self, ratio: float = 1.0) -> float:
         """Bytes of every constant of the model pruned at ``ratio`` that is not a searched layer's weight
