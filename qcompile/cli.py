@@ -145,7 +145,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                               ranks_per_layer=args.ranks_per_layer, prune_ratios=tuple(sorted(set(prune) | {1.0},
                                                                                                reverse=True)),
                               pop_size=args.pop, generations=args.generations, seed=args.seed,
-                              use_predictor=not args.no_predictor, finalists=args.finalists, rounds=args.rounds)
+                              use_predictor=not args.no_predictor, finalists=args.finalists,
+                              check_points=args.check_points, rounds=args.rounds)
     doc = search_and_compile(args.model, args.target, args.out, settings,
                              input_shapes=parse_input_shapes(args.input_shape), calibration=args.calib,
                              num_calibration=args.num_calib, force=args.force,
@@ -341,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pop", type=int, default=16, help="NSGA-II population (default 16)")
     s.add_argument("--generations", type=int, default=8, help="NSGA-II generations (default 8)")
     s.add_argument("--finalists", type=int, default=4, help="front points checked end to end (default 4)")
+    s.add_argument("--check-points", type=int, default=16, help="front points whose validation accuracy is "
+                                                                "measured, spread over latency (default 16)")
     s.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds for the finalists")
     s.add_argument("--no-predictor", action="store_true", help="measure every (layer, configuration) pair up front")
     s.add_argument("--seed", type=int, default=0)

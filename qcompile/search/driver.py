@@ -36,6 +36,7 @@ class SearchSettings:
     seed: int = 0
     use_predictor: bool = True
     finalists: int = 4
+    check_points: int = 16  # front points whose validation accuracy is measured
     rounds: int = 5
     space_options: dict = field(default_factory=dict)
 
@@ -113,6 +114,7 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
     x_val, y_val = data.val
     finalists, base_acc, timing, front_acc = F.evaluate(loaded, space, result, target, x_val, y_val,
                                              max_acc_drop=settings.max_acc_drop, count=settings.finalists,
+                                             max_points=settings.check_points,
                                              rounds=settings.rounds, progress=say)
     chosen = F.choose(finalists, settings.budget, settings.max_acc_drop)
     doc = F.report(result, finalists, chosen, base_acc, timing, front_acc)

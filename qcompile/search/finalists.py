@@ -4,7 +4,8 @@ The search ranks configurations by a proxy error and the sum of per-layer latenc
 (:mod:`qcompile.search.nsga`).  Both are approximations, so a few points of the front (the
 *finalists*, spread over its latency range) are checked for real:
 
-* every front point is rebuilt from its replay pipeline text (``fold-bn,dead-code[,prune-channels{...}],
+* up to ``max_points`` front points, spread over the predicted latency, are rebuilt from their replay
+  pipeline text (``fold-bn,dead-code[,prune-channels{...}],
   layer-config{configs=...}``) and its top-1 accuracy measured on labelled validation data by the
   reference interpreter (the compiled artifact is later verified against that interpreter);
 * of the points within ``max_acc_drop`` points of the original (and the memory budget), up to
@@ -75,13 +76,14 @@ def pick(front: Sequence[Point], count: int) -> list[Point]:
 
 
 def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, target: str,
-             images: np.ndarray, labels: np.ndarray, *, max_acc_drop: float, count: int = 4, rounds: int = 5,
-             number: int = 10, progress=None) -> tuple[list[Finalist], float, dict, list[float]]:
-    """(finalists, original accuracy, timing of the originals, accuracy of every front point).
+             images: np.ndarray, labels: np.ndarray, *, max_acc_drop: float, count: int = 4, max_points: int = 16,
+             rounds: int = 5, number: int = 10, progress=None) -> tuple[list[Finalist], float, dict, list[float | None]]:
+    """(finalists, original accuracy, timing of the originals, accuracy of each front point).
 
-    Accuracy is cheap (batched reference interpreter), so every front point gets it; end-to-end timing is
-    not, so only ``count`` of the points within ``max_acc_drop`` (and the memory budget) are timed, spread
-    over their predicted latency with the fastest always included."""
+    Accuracy (batched reference interpreter) is measured for up to ``max_points`` front points spread over
+    the predicted latency (None for the others: building a quantized model with bias correction costs
+    seconds); end-to-end timing only for ``count`` of the points within ``max_acc_drop`` (and the memory
+    budget), again spread, the fastest always included."""
     from qcompile.bench import interleaved
     from qcompile.factorize.latency import runner_for
     from qcompile.finetune import accuracy
@@ -92,17 +94,18 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
         raise SearchError(f"the search found no feasible point: {result.message}")
     base_acc = accuracy(loaded.graph, images, labels)
     built: dict[int, tuple[str, object, float]] = {}
-    for k, p in enumerate(result.front):
+    checked = pick(result.front, max_points)
+    for k, p in enumerate(checked):
         text = point_pipeline(space, p)
         g = PassManager(parse_pipeline(text)).run(loaded.graph, ctx)
         built[id(p)] = (text, g, accuracy(g, images, labels))
-        if progress and (k + 1) % 10 == 0:
-            progress(f"validation accuracy of front point {k + 1}/{len(result.front)}")
-    front_acc = [built[id(p)][2] for p in result.front]
-    within = [p for p in result.front if base_acc - built[id(p)][2] <= max_acc_drop
+        if progress and (k + 1) % 5 == 0:
+            progress(f"validation accuracy of front point {k + 1}/{len(checked)}")
+    front_acc = [built[id(p)][2] if id(p) in built else None for p in result.front]
+    within = [p for p in checked if base_acc - built[id(p)][2] <= max_acc_drop
               and (result.budget.memory is None or p.memory_ratio <= result.budget.memory)]
     if not within:
-        best = max(result.front, key=lambda p: built[id(p)][2])
+        best = max(checked, key=lambda p: built[id(p)][2])
         raise SearchError(f"no point of the front keeps the accuracy within {max_acc_drop:g} pt of the original's "
                           f"{base_acc:.2f} % on the validation data: the best front point reaches "
                           f"{built[id(best)][2]:.2f} % ({best.latency_ratio:.3g}x predicted latency); relax "
@@ -148,7 +151,7 @@ def report(result: SearchResult, finalists: Sequence[Finalist], chosen: Finalist
     accuracy), the finalists, the choice."""
     doc = result.to_json()
     for p, acc in zip(doc["front"], front_acc):
-        p["accuracy"] = acc
+        p["accuracy"] = acc  # None: not checked
     doc["original"] = {"accuracy": base_acc, **timing}
     doc["finalists"] = [asdict(f) for f in finalists]
     doc["chosen"] = asdict(chosen)
@@ -158,7 +161,7 @@ def report(result: SearchResult, finalists: Sequence[Finalist], chosen: Finalist
 def plot_front(result: SearchResult, finalists: Sequence[Finalist], chosen: Finalist, base_acc: float,
                front_acc: Sequence[float]) -> bytes:
     """PNG: the front (proxy error vs predicted latency ratio, colour = memory ratio) and, beside it,
-    accuracy drop vs latency ratio: every front point at its predicted ratio, the finalists at their
+    accuracy drop vs latency ratio: the checked front points at their predicted ratio, the finalists at their
     measured end-to-end ratio."""
     import matplotlib
 
@@ -174,8 +177,9 @@ def plot_front(result: SearchResult, finalists: Sequence[Finalist], chosen: Fina
     a.set_ylabel("proxy error (relative output L2)")
     a.set_title(f"Pareto front: {len(pts)} points, {result.pairs_measured}/{result.space_size} pairs measured")
     a.grid(alpha=0.3)
-    b.scatter([p.latency_ratio for p in pts], [base_acc - a for a in front_acc], s=18, c="lightgray",
-              label="front (predicted latency)")
+    checked = [(p, a) for p, a in zip(pts, front_acc) if a is not None]
+    b.scatter([p.latency_ratio for p, _ in checked], [base_acc - a for _, a in checked], s=18, c="lightgray",
+              label="front points checked (predicted latency)")
     b.scatter([f.latency_ratio for f in finalists], [f.acc_drop for f in finalists], s=40,
               label="finalists (measured latency)")
     b.scatter([chosen.latency_ratio], [chosen.acc_drop], marker="*", s=220, c="crimson", label="chosen")
