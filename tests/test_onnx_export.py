@@ -76,7 +76,13 @@ def all_ops_graph(seed: int = 0) -> Graph:
     rm = node("reduce_mean", [mm], {"axes": (1,), "keepdims": 0})                     # (2, 3)
     la = node("linear", [mm, w_act], name="fc_act3d")                                 # non-constant weight
     lb = node("linear", [rm, w_act], name="fc_act2d")
-    g.outputs = [sm, rm, la, lb]
+    ct = node("conv_transpose2d", [x, const("ct.w", 4, 3, 3, 3), const("ct.b", 6)],
+              {"strides": (2, 2), "pads": (1, 0, 2, 1), "output_padding": (1, 0), "group": 2})  # (2, 6, 11, 12)
+    rz = node("resize", [ct], {"sizes": (22, 18), "scales": (2.0, 1.5), "mode": "linear"}, "resize_linear")
+    rz = node("resize", [rz], {"sizes": (7, 9), "scales": (0.31818181, 0.5), "coordinate_transformation_mode":
+                               "asymmetric", "nearest_mode": "floor"}, "resize_nearest")
+    sl = node("slice", [rz], {"starts": (1, 8), "ends": (6, -1), "axes": (2, 3), "steps": (2, -3)})  # (2, 6, 3, 3)
+    g.outputs = [sm, rm, la, lb, sl]
     verify(g)
     return g
 

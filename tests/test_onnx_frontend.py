@@ -366,8 +366,8 @@ def test_external_data_inside_the_folder_loads(tmp_path):
 @pytest.mark.parametrize("node,inits,expect", [
     (helper.make_node("TopK", ["r", "k"], ["y", "idx"], name="top_scores", axis=1),
      {"k": np.array([2], np.int64)}, "post-processing"),
-    (helper.make_node("ConvTranspose", ["r", "wt"], ["y"], name="upsample_3"),
-     {"wt": _w(3, 3, 2, 2)}, "not supported yet"),
+    (helper.make_node("ConvTranspose", ["r", "wt"], ["y"], name="upsample_3", auto_pad="SAME_UPPER"),
+     {"wt": _w(3, 3, 2, 2)}, "auto_pad='SAME_UPPER'"),
     (helper.make_node("MaxPool", ["r"], ["y"], name="pool_so", kernel_shape=[2, 2], storage_order=1),
      {}, "storage_order"),
     (helper.make_node("Conv", ["r3", "w1"], ["y"], name="conv1d"), {"w1": _w(2, 3, 3)}, "2-D convolution"),
@@ -437,13 +437,6 @@ def test_truncated_real_model_is_a_model_load_error(tmp_path, rapidocr_models):
         path.write_bytes(data[: int(len(data) * frac)])
         with pytest.raises(ModelLoadError, match=f"cls_{frac}.onnx"):
             load_onnx(path, {"x": (1, 3, 48, 192)})
-
-
-@pytest.mark.network
-def test_real_models_with_unsupported_ops_name_them(rapidocr_models):
-    """The detector needs Resize / ConvTranspose, which qcompile does not support yet: the error says so."""
-    with pytest.raises(UnsupportedOpError, match=r"'(Resize|ConvTranspose)' at node '[^']+'"):
-        load_onnx(rapidocr_models["ch_PP-OCRv4_det_infer.onnx"], {"x": (1, 3, 64, 64)})
 
 
 def test_unreachable_registry_raises_registry_unavailable(tmp_path, monkeypatch):

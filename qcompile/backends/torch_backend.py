@@ -13,6 +13,12 @@ follow ONNX where torch differs:
   input + explicit pads (``=1``) -- positions added only by ``ceil_mode`` never count;
 * ``batch_norm`` is the inference formula y = scale * (x - mean) / sqrt(var + eps) + bias;
 * ``flatten`` is ONNX Flatten (2-D result), ``clip`` bounds may be ``None``;
+* ``conv_transpose2d``: symmetric pads (and output_padding below stride or dilation) go to
+  ``F.conv_transpose2d``; otherwise the full (unpadded) output is computed, extended by
+  output_padding with zeros and cropped by the pads, then the bias is added;
+* ``resize``: gathers with the source indices (nearest) or the two-tap weights (linear, one axis
+  after the other) that :mod:`qcompile.ir.ops` computes exactly as onnxruntime does;
+* ``slice``: a view for positive steps, ``index_select`` for negative ones;
 * a module may run a larger batch than the graph's static one (fine-tuning, batched
   evaluation): ``reshape`` targets that keep the batch axis leading follow the batch.
 
@@ -67,6 +73,60 @@ def _conv2d(v: list, a: dict) -> torch.Tensor:
     if t == bo and l == r:
         return F.conv2d(x, w, b, a["strides"], (t, l), a["dilations"], a["group"])
     return F.conv2d(_pad_nchw(x, a["pads"]), w, b, a["strides"], 0, a["dilations"], a["group"])
+
+
+def _conv_transpose2d(v: list, a: dict) -> torch.Tensor:
+    """ONNX ConvTranspose: pads (t, l, b, r) crop the full output, output_padding extends its end."""
+    x, w = v[0], v[1]
+    b = v[2] if len(v) > 2 else None
+    t, l, bo, r = a["pads"]
+    st, dl, op = a["strides"], a["dilations"], a["output_padding"]
+    if t == bo and l == r and all(o < max(s, d) for o, s, d in zip(op, st, dl)):
+        return F.conv_transpose2d(x, w, b, st, (t, l), op, a["group"], dl)
+    y = F.conv_transpose2d(x, w, None, st, 0, 0, a["group"], dl)
+    y = F.pad(y, (0, op[1], 0, op[0]))
+    y = y[:, :, t:y.shape[2] - bo, l:y.shape[3] - r]
+    return y if b is None else y + b.reshape(1, -1, 1, 1)
+
+
+def _resize(v: list, a: dict) -> torch.Tensor:
+    """Nearest: gather rows then columns; linear: w0 * x[i0] + w1 * x[i1] along H, then along W."""
+    from qcompile.ir import ops
+
+    x = v[0]
+    ctm = a["coordinate_transformation_mode"]
+    for axis, n_out, scale in ((2, a["sizes"][0], a["scales"][0]), (3, a["sizes"][1], a["scales"][1])):
+        n_in = x.shape[axis]
+        same = np.arange(n_in)
+        if a["mode"] == "nearest":
+            idx = ops.resize_nearest_indices(n_in, n_out, scale, ctm, a["nearest_mode"])
+            if n_in != n_out or not np.array_equal(idx, same):
+                x = x.index_select(axis, torch.from_numpy(idx).to(x.device))
+            continue
+        i0, i1, w0, w1 = ops.resize_linear_weights(n_in, n_out, scale, ctm)
+        if n_in == n_out and np.array_equal(i0, same) and not np.any(w1):
+            continue  # this axis is not resized
+        shape = [1] * x.dim()
+        shape[axis] = n_out
+        w0t = torch.from_numpy(w0).to(x.device, x.dtype).reshape(shape)
+        w1t = torch.from_numpy(w1).to(x.device, x.dtype).reshape(shape)
+        x = x.index_select(axis, torch.from_numpy(i0).to(x.device)) * w0t \
+            + x.index_select(axis, torch.from_numpy(i1).to(x.device)) * w1t
+    return x
+
+
+def _slice(v: list, a: dict) -> torch.Tensor:
+    """Normalised ONNX Slice (see ``ops.normalize_slice``)."""
+    x = v[0]
+    index: list[Any] = [slice(None)] * x.dim()
+    for s, e, ax, st in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
+        if st > 0:
+            index[ax] = slice(s, e, st)
+    x = x[tuple(index)]
+    for s, e, ax, st in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
+        if st < 0:
+            x = x.index_select(ax, torch.arange(s, e, st, device=x.device))
+    return x
 
 
 def _axis_view(s: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
@@ -277,6 +337,7 @@ def _reduce_mean(v: list, a: dict) -> torch.Tensor:
 
 IMPLS: dict[str, Impl] = {
     "conv2d": _conv2d,
+    "conv_transpose2d": _conv_transpose2d,
     "linear": _linear,
     "matmul": lambda v, a: torch.matmul(v[0], v[1]),
     "batch_norm": _batch_norm,
@@ -311,6 +372,8 @@ IMPLS: dict[str, Impl] = {
     "reshape": lambda v, a: _reshape(v[0], a["shape"]),
     "flatten": _flatten,
     "transpose": lambda v, a: v[0].permute(*a["perm"]),
+    "slice": _slice,
+    "resize": _resize,
     "softmax": lambda v, a: torch.softmax(v[0], dim=a["axis"]),
     "quantize_linear": _quantize_linear,
     "dequantize_linear": _dequantize_linear,

@@ -10,7 +10,15 @@ operators at the requested opset (13 .. the installed onnx's newest; default 17)
   ``hardswish`` -> HardSwish (opset >= 14; below: x * HardSigmoid(1/6, 1/2));
   ``gelu`` -> Gelu at opset >= 20, else its erf (or tanh) formula;
 * ``reduce_mean`` -> ReduceMean with ``axes`` as attribute (< 18) or input (>= 18);
-* ``reshape`` -> Reshape with an int64 initializer; the rest map one to one.
+* ``reshape`` -> Reshape with an int64 initializer;
+* ``conv_transpose2d`` -> ConvTranspose with explicit pads and output_padding (an output_padding
+  onnxruntime refuses, >= stride, is traded for end padding, the rest padded with Pad; bias by Add);
+* ``resize`` -> Resize with constant scales (1, 1, s_h, s_w) when floor(in * s) gives the IR's sizes
+  both in float32 (onnxruntime) and in double (ONNX shape inference), else with constant sizes
+  (onnxruntime then takes s = out / in, which is what the IR's scales are in that case, up to the
+  rounding of a scale given as such for which the two products disagree);
+* ``slice`` -> Slice with int64 starts / ends / axes / steps initializers (an end of -1 with a
+  negative step, "through index 0", is written as INT64_MIN); the rest map one to one.
 
 Node ``meta`` (provenance, costs) is stored as JSON (sorted keys, numpy values as
 python values) under ``metadata_props["qcompile.meta"]`` of every ONNX node the IR
@@ -121,6 +129,75 @@ def _emit_conv2d(e: _Emitter, n: Node) -> None:
     w = e.g.types[n.inputs[1]].shape
     e.node("Conv", _present(n.inputs), n.outputs, n.name, kernel_shape=list(w[2:]),
            strides=list(a["strides"]), pads=list(a["pads"]), dilations=list(a["dilations"]), group=int(a["group"]))
+
+
+def _emit_conv_transpose2d(e: _Emitter, n: Node) -> None:
+    """ConvTranspose.  onnxruntime refuses output_padding >= stride (the IR allows it below a larger
+    dilation, like torch): such output padding is traded for end padding (the same output), and what
+    is left becomes a zero Pad of the output before the bias is added."""
+    a = n.attrs
+    w = e.g.types[n.inputs[1]].shape
+    t, l, b, r = a["pads"]
+    op = list(a["output_padding"])
+    if all(o < s for o, s in zip(op, a["strides"])):
+        e.node("ConvTranspose", _present(n.inputs), n.outputs, n.name, kernel_shape=list(w[2:]),
+               strides=list(a["strides"]), pads=[t, l, b, r], dilations=list(a["dilations"]), group=int(a["group"]),
+               output_padding=op)
+        return
+    cut = [min(b, op[0]), min(r, op[1])]
+    b, r = b - cut[0], r - cut[1]
+    rest = [o - c for o, c in zip(op, cut)]
+    keep = [o if o < s else 0 for o, s in zip(rest, a["strides"])]
+    extra = [o - k for o, k in zip(rest, keep)]
+    has_bias = len(n.inputs) > 2 and bool(n.inputs[2])
+    last = not has_bias and extra == [0, 0]
+    y = n.outputs[0] if last else e.fresh(n.name + "/conv_transpose")
+    e.node("ConvTranspose", n.inputs[:2], [y], n.name if last else e.fresh(n.name + "/conv_transpose"),
+           kernel_shape=list(w[2:]), strides=list(a["strides"]), pads=[t, l, b, r],
+           dilations=list(a["dilations"]), group=int(a["group"]), output_padding=keep)
+    if extra != [0, 0]:
+        pads = e.const(n.name + "_pads", np.array([0, 0, 0, 0, 0, 0, extra[0], extra[1]], np.int64))
+        padded = n.outputs[0] if not has_bias else e.fresh(n.name + "/pad")
+        e.node("Pad", [y, pads], [padded], n.name if not has_bias else e.fresh(n.name + "/pad"))
+        y = padded
+    if has_bias:
+        bias = e.g.constants.get(n.inputs[2])
+        if bias is not None:
+            b4 = e.const(n.inputs[2] + "_nchw", np.ascontiguousarray(bias.reshape(1, -1, 1, 1)))
+        else:
+            b4 = e.fresh(n.inputs[2] + "_nchw")
+            e.node("Reshape", [n.inputs[2], e.const(n.name + "_bias_shape", np.array([1, -1, 1, 1], np.int64))],
+                   [b4], e.fresh(n.name + "/bias_reshape"))
+        e.node("Add", [y, b4], n.outputs, n.name)
+
+
+def _emit_resize(e: _Emitter, n: Node) -> None:
+    from qcompile.ir.ops import resize_output_size
+
+    a = n.attrs
+    x = e.g.types[n.inputs[0]].shape
+    if a["coordinate_transformation_mode"] == "half_pixel_symmetric" and e.opset < 19:
+        raise IRVerificationError(f"ONNX export: node '{n.name}' resizes with half_pixel_symmetric coordinates, "
+                                  f"which need opset >= 19 (asked for opset {e.opset})")
+    attrs = {"mode": a["mode"], "coordinate_transformation_mode": a["coordinate_transformation_mode"],
+             "nearest_mode": a["nearest_mode"]}
+    # onnxruntime sizes the output as floor(float32(s) * in), ONNX shape inference in double: use scales
+    # only where both give the IR's sizes, else sizes (onnxruntime then takes s = out / in, as the IR does)
+    if all(resize_output_size(i, s) == o == math.floor(float(np.float32(s)) * i)
+           for i, s, o in zip(x[2:], a["scales"], a["sizes"])):
+        scales = e.const(n.name + "_scales", np.array([1.0, 1.0, *a["scales"]], np.float32))
+        e.node("Resize", [n.inputs[0], "", scales], n.outputs, n.name, **attrs)
+    else:
+        sizes = e.const(n.name + "_sizes", np.array([*x[:2], *a["sizes"]], np.int64))
+        e.node("Resize", [n.inputs[0], "", "", sizes], n.outputs, n.name, **attrs)
+
+
+def _emit_slice(e: _Emitter, n: Node) -> None:
+    a = n.attrs
+    ends = [np.iinfo(np.int64).min if st < 0 and en == -1 else en for en, st in zip(a["ends"], a["steps"])]
+    ins = [e.const(n.name + "_" + k, np.array(v, np.int64))
+           for k, v in (("starts", a["starts"]), ("ends", ends), ("axes", a["axes"]), ("steps", a["steps"]))]
+    e.node("Slice", [n.inputs[0], *ins], n.outputs, n.name)
 
 
 def _emit_linear(e: _Emitter, n: Node) -> None:
@@ -251,6 +328,7 @@ def _pool_attrs(a: dict) -> dict:
 
 EMITTERS: dict[str, Callable[[_Emitter, Node], None]] = {
     "conv2d": _emit_conv2d,
+    "conv_transpose2d": _emit_conv_transpose2d,
     "linear": _emit_linear,
     "matmul": _simple("MatMul"),
     "batch_norm": _with_attrs("BatchNormalization", lambda a: {"epsilon": float(a["epsilon"])}),
@@ -271,6 +349,8 @@ EMITTERS: dict[str, Callable[[_Emitter, Node], None]] = {
     "reshape": _emit_reshape,
     "flatten": _with_attrs("Flatten", lambda a: {"axis": int(a["axis"])}),
     "transpose": _with_attrs("Transpose", lambda a: {"perm": list(a["perm"])}),
+    "slice": _emit_slice,
+    "resize": _emit_resize,
     "softmax": _with_attrs("Softmax", lambda a: {"axis": int(a["axis"])}),
     "quantize_linear": _emit_quantize,
     "dequantize_linear": _emit_dequantize,
@@ -301,9 +381,13 @@ def _int4_only_constants(graph: Graph) -> set[str]:
 
 
 def needed_opset(graph: Graph, opset: int = OPSET) -> int:
-    """``opset``, raised to 21 when the graph holds int4 weights (ONNX INT4 needs opset 21)."""
+    """``opset``, raised to 21 when the graph holds int4 weights (ONNX INT4 needs opset 21) and to 19
+    when a resize uses half_pixel_symmetric coordinates (new in Resize-19)."""
     if any(n.op == "dequantize_linear" and n.attrs["bits"] == 4 for n in graph.nodes):
         return max(opset, 21)
+    if any(n.op == "resize" and n.attrs["coordinate_transformation_mode"] == "half_pixel_symmetric"
+           for n in graph.nodes):
+        return max(opset, 19)
     return opset
 
 

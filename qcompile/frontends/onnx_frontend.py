@@ -361,9 +361,10 @@ def _all_value_names(graph: onnx.GraphProto) -> set[str]:
 class _Importer:
     """Walks the folded ONNX graph once, in order, building the IR graph."""
 
-    def __init__(self, model: onnx.ModelProto, path: Path):
+    def __init__(self, model: onnx.ModelProto, path: Path, legacy_resize: set[str] | frozenset[str] = frozenset()):
         self.model = model
         self.path = path
+        self.legacy_resize = legacy_resize  # outputs of Resize-10 / Upsample nodes (see _resize)
         self.g = Graph(model.graph.name or path.stem)
         self.alias: dict[str, str] = {}   # onnx value -> IR value (for eliminated nodes)
         self.consts: dict[str, np.ndarray] = {}
@@ -477,16 +478,11 @@ _DEFAULT_ALTERNATIVE = ("qcompile supports standard CNN operators (see the READM
 _RUNTIME_DATA = ("operates on run-time tensor data here (it is not part of a shape computation, which would "
                  "have folded away once every input shape is static); ")
 _ALTERNATIVES = {
-    "ConvTranspose": "ConvTranspose is not supported yet; cut the model before it or replace it by "
-                     "Resize-free upsampling + Conv",
-    "Resize": "Resize/Upsample is not supported yet; cut the model before it",
-    "Upsample": "Resize/Upsample is not supported yet; cut the model before it",
     "Shape": "Shape should have folded: pass --input-shape for every dynamic input so shape subgraphs "
              "become constant",
     "Size": "Size should have folded: pass --input-shape for every dynamic input so it becomes constant",
     "ConstantOfShape": "ConstantOfShape should have folded: pass --input-shape for every dynamic input",
     "Range": "Range should have folded: pass --input-shape for every dynamic input",
-    "Slice": "Slice " + _RUNTIME_DATA + "slicing activations is not supported yet",
     "Gather": "Gather " + _RUNTIME_DATA + "indexing activations is not supported",
     "Split": "Split " + _RUNTIME_DATA + "splitting activations is not supported yet",
     "Cast": "Cast " + _RUNTIME_DATA + "qcompile graphs compute in float; remove the cast",
@@ -561,6 +557,50 @@ def _conv(imp: _Importer, node, a) -> None:
         ins.pop()
     imp.emit(node, "conv2d", ins, {"strides": strides, "pads": pads, "dilations": dil,
                                    "group": int(a.get("group", 1))}, output=node.output[0])
+
+
+def _conv_transpose(imp: _Importer, node, a) -> None:
+    """ConvTranspose (2-D): explicit ``pads`` or ``auto_pad=VALID``; ``output_shape`` only when it is
+    the shape those pads give (SAME_* auto padding and pad-deriving output_shape are refused)."""
+    w = imp.type(node.input[1])
+    if w.rank != 4:
+        raise imp.unsupported(node, f"only 2-D transposed convolution is supported (weight {w})")
+    if "kernel_shape" in a and _ints(a["kernel_shape"]) != w.shape[2:]:
+        raise imp.unsupported(node, f"kernel_shape {_ints(a['kernel_shape'])} disagrees with the weight {w}")
+    x = imp.type(node.input[0])
+    strides = _ints(a.get("strides", (1, 1)))
+    dil = _ints(a.get("dilations", (1, 1)))
+    opad = _ints(a.get("output_padding", (0, 0)))
+    auto = _str_attr(a, "auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        pads = _ints(a.get("pads", (0, 0, 0, 0)))
+    elif auto == "VALID":
+        pads = (0, 0, 0, 0)
+    else:
+        raise imp.unsupported(node, f"attribute auto_pad='{auto}' is not supported for ConvTranspose; export the "
+                                    "model with explicit pads")
+    if len(pads) != 4 or len(strides) != 2 or len(dil) != 2 or len(opad) != 2:
+        raise imp.unsupported(node, f"pads {pads} / strides {strides} / dilations {dil} / output_padding {opad} "
+                                    "are not 2-D")
+    if min(pads) < 0:
+        raise imp.unsupported(node, f"attribute pads={list(pads)}: negative pads are not supported")
+    if any(not 0 <= o < s_ for o, s_ in zip(opad, strides)):  # onnxruntime refuses the rest too
+        raise imp.unsupported(node, f"attribute output_padding={list(opad)} must be >= 0 and below the stride "
+                                    f"{list(strides)} per axis")
+    attrs = {"strides": strides, "pads": pads, "dilations": dil, "group": int(a.get("group", 1)),
+             "output_padding": opad}
+    ins = [imp.v(i) for i in node.input]
+    while ins and not ins[-1]:
+        ins.pop()
+    if "output_shape" in a:
+        want = _ints(a["output_shape"])[-2:]
+        got = tuple((n - 1) * s - pb - pe + d * (k - 1) + 1 + o for n, s, pb, pe, d, k, o in zip(
+            x.shape[2:], strides, pads[:2], pads[2:], dil, w.shape[2:], opad))
+        if want != got:
+            raise imp.unsupported(node, f"attribute output_shape={list(_ints(a['output_shape']))} asks for padding "
+                                        f"derived from the output size (the given pads give {list(got)}); export "
+                                        "the model with explicit pads")
+    imp.emit(node, "conv_transpose2d", ins, attrs, output=node.output[0])
 
 
 def _pool(op: str):
@@ -797,6 +837,117 @@ def _transpose(imp: _Importer, node, a) -> None:
     imp.emit(node, "transpose", [imp.v(node.input[0])], {"perm": perm}, output=node.output[0])
 
 
+def _const_ints(imp: _Importer, node, i: int, what: str) -> list[int] | None:
+    """Constant int input ``i`` of ``node`` as a list (None if absent or empty)."""
+    if len(node.input) <= i or not node.input[i]:
+        return None
+    c = imp.const(node.input[i])
+    if c is None:
+        raise imp.unsupported(node, f"{what} (input '{node.input[i]}') is computed at run time; only constant "
+                                    f"{what} are supported (pass --input-shape for every dynamic input so shape "
+                                    "subgraphs fold)")
+    return [int(v) for v in np.asarray(c).reshape(-1)]
+
+
+def _slice(imp: _Importer, node, a) -> None:
+    """Slice with constant starts / ends / axes / steps (normalised by ``ops.normalize_slice``)."""
+    from qcompile.ir.ops import normalize_slice, slice_length
+
+    x = imp.type(node.input[0])
+    starts, ends = _const_ints(imp, node, 1, "starts"), _const_ints(imp, node, 2, "ends")
+    if starts is None or ends is None:
+        raise imp.unsupported(node, "Slice needs starts and ends")
+    axes, steps = _const_ints(imp, node, 3, "axes"), _const_ints(imp, node, 4, "steps")
+    try:
+        st, en, ax, sp = normalize_slice(x.shape, starts, ends, axes, steps)
+    except ValueError as e:
+        raise imp.unsupported(node, f"invalid Slice of {x}: {e}") from None
+    lengths = [slice_length(*t) for t in zip(st, en, sp)]
+    if not st or min(lengths) == 0:
+        raise imp.unsupported(node, f"Slice of {x} with starts {starts}, ends {ends}, axes {axes}, steps {steps} "
+                                    "is empty; qcompile does not represent empty tensors")
+    imp.emit(node, "slice", [imp.v(node.input[0])], {"starts": st, "ends": en, "axes": ax, "steps": sp},
+             output=node.output[0])
+
+
+def _resize(imp: _Importer, node, a) -> None:
+    """Resize of H and W of an NCHW tensor: nearest or linear with constant scales or sizes; attribute
+    values the IR cannot express are refused by name.  Resize-10 and Upsample (which the opset upgrade
+    turns into Resize, dropping their semantics) are asymmetric, nearest truncating when up-sampling
+    and rounding up when down-sampling (onnxruntime's rule)."""
+    from qcompile.ir.ops import RESIZE_COORDINATE_MODES, RESIZE_NEAREST_MODES, resize_output_size
+
+    x = imp.type(node.input[0])
+    if x.rank != 4:
+        raise imp.unsupported(node, f"only 4-D (NCHW) Resize is supported, the input is {x}")
+    mode = _str_attr(a, "mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise imp.unsupported(node, f"attribute mode='{mode}' is not supported (nearest and linear are)")
+    legacy = node.output[0] in imp.legacy_resize
+    ctm = "asymmetric" if legacy else _str_attr(a, "coordinate_transformation_mode", "half_pixel")
+    if ctm not in RESIZE_COORDINATE_MODES:
+        raise imp.unsupported(node, f"attribute coordinate_transformation_mode='{ctm}' is not supported "
+                                    f"(supported: {', '.join(RESIZE_COORDINATE_MODES)})")
+    if mode == "nearest" and ctm == "half_pixel_symmetric":
+        # onnxruntime's float rounding of this mode's ties is not reproduced (linear is continuous: fine)
+        raise imp.unsupported(node, "attribute coordinate_transformation_mode='half_pixel_symmetric' is supported "
+                                    "for linear Resize only, not with mode='nearest'")
+    nearest = "floor" if legacy else _str_attr(a, "nearest_mode", "round_prefer_floor")
+    if mode == "nearest" and nearest not in RESIZE_NEAREST_MODES:
+        raise imp.unsupported(node, f"attribute nearest_mode='{nearest}' is not supported "
+                                    f"(supported: {', '.join(RESIZE_NEAREST_MODES)})")
+    if mode == "linear" and int(a.get("antialias", 0)):
+        raise imp.unsupported(node, "attribute antialias=1 is not supported for linear Resize")
+    if mode == "linear" and int(a.get("exclude_outside", 0)):
+        raise imp.unsupported(node, "attribute exclude_outside=1 is not supported for linear Resize")
+    rank = x.rank
+    axes = list(range(rank)) if "axes" not in a else [int(v) % rank for v in a["axes"]]
+    scales_in: list[float] | None = None
+    if len(node.input) > 2 and node.input[2]:
+        c = imp.const(node.input[2])
+        if c is None:
+            raise imp.unsupported(node, f"scales (input '{node.input[2]}') are computed at run time; only "
+                                        "constant scales or sizes are supported")
+        scales_in = [float(v) for v in np.asarray(c, np.float32).reshape(-1)] or None
+    sizes_in = None if scales_in is not None else _const_ints(imp, node, 3, "sizes")
+    if scales_in is None and sizes_in is None:
+        raise imp.unsupported(node, "Resize needs constant scales or sizes")
+    given = scales_in if scales_in is not None else sizes_in
+    if len(given) != len(axes):
+        raise imp.unsupported(node, f"{'scales' if scales_in is not None else 'sizes'} {given} do not match "
+                                    f"axes {axes}")
+    if sizes_in is not None and _str_attr(a, "keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise imp.unsupported(node, f"attribute keep_aspect_ratio_policy="
+                                    f"'{_str_attr(a, 'keep_aspect_ratio_policy', 'stretch')}' is not supported")
+    scales = {ax: 1.0 for ax in range(rank)}
+    sizes = dict(enumerate(x.shape))
+    for ax, v in zip(axes, given):
+        if scales_in is not None:
+            if not v > 0:
+                raise imp.unsupported(node, f"scales {given} must be positive")
+            scales[ax], sizes[ax] = _f32(v), resize_output_size(x.shape[ax], v)
+        else:
+            if v <= 0:
+                raise imp.unsupported(node, f"sizes {given} must be positive")
+            sizes[ax] = int(v)
+            scales[ax] = _f32(np.float32(v) / np.float32(x.shape[ax]))
+    if sizes[0] != x.shape[0] or sizes[1] != x.shape[1] or scales[0] != 1.0 or scales[1] != 1.0:
+        raise imp.unsupported(node, f"Resize of the batch or channel axis (input {x}, output "
+                                    f"{[sizes[i] for i in range(rank)]}) is not supported; only H and W")
+    if min(sizes[2], sizes[3]) <= 0:
+        raise imp.unsupported(node, f"Resize of {x} gives an empty output {[sizes[i] for i in range(rank)]}")
+    if legacy and mode == "nearest":  # opset < 11: truncate when up-sampling an axis, ceil when down-sampling
+        down = {np.float32(scales[ax]) < 1 for ax in (2, 3) if np.float32(scales[ax]) != 1}
+        if len(down) > 1:
+            raise imp.unsupported(node, f"opset < 11 nearest Resize that up-samples one axis and down-samples the "
+                                        f"other (scales {[scales[i] for i in range(rank)]}) is not supported")
+        nearest = "ceil" if down == {True} else "floor"
+    imp.emit(node, "resize", [imp.v(node.input[0])],
+             {"sizes": (sizes[2], sizes[3]), "scales": (scales[2], scales[3]), "mode": mode,
+              "coordinate_transformation_mode": ctm, "nearest_mode": nearest if mode == "nearest"
+              else "round_prefer_floor"}, output=node.output[0])
+
+
 # ---------------------------------------------------------------------------- plumbing
 def _eliminate(imp: _Importer, node, a) -> None:
     """Identity / inference Dropout: rewire consumers to the input."""
@@ -854,7 +1005,7 @@ def _qdq(op: str):
 
 
 HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
-    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _bn,
+    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _bn,
     "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"), "Exp": _unary("exp"),
     "Sqrt": _unary("sqrt"), "Erf": _unary("erf"), "Neg": _unary("neg"), "Abs": _unary("abs"),
     "Reciprocal": _unary("reciprocal"), "HardSwish": _unary("hardswish"),
@@ -873,7 +1024,7 @@ HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
     "Reshape": _reshape, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Flatten": lambda imp, n, a: imp.emit(n, "flatten", [imp.v(n.input[0])], {"axis": int(a.get("axis", 1))},
                                           output=n.output[0]),
-    "Transpose": _transpose,
+    "Transpose": _transpose, "Slice": _slice, "Resize": _resize,
     "Softmax": lambda imp, n, a: imp.emit(n, "softmax", [imp.v(n.input[0])], {"axis": int(a.get("axis", -1))},
                                           output=n.output[0]),
     "Identity": _eliminate, "Dropout": _eliminate, "Constant": _constant,
@@ -898,13 +1049,16 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     model = read_onnx(path)
     _reject_foreign_domains(model)
     opset = _default_opset(model)
+    # Upsample / Resize-10 are asymmetric; the version converter's Resize-11 drops that (half_pixel default)
+    legacy_resize = {n.output[0] for n in model.graph.node if n.op_type in ("Upsample", "Resize")} \
+        if opset < 11 else set()
     model = _upgrade_opset(model, opset, path)
     shapes = _specialise_inputs(model, dict(input_shapes or {}))
     _name_nodes(model)
     model = _check_shapes(model, path, shapes)
     model = _fold_constants(model, path)
     try:
-        graph = _Importer(model, path).run(shapes)
+        graph = _Importer(model, path, legacy_resize).run(shapes)
     except ShapeError as e:  # an IR shape rule failed: say which specialisation it was
         raise ShapeError(f"'{path}' with input shapes ({_fmt_shapes(shapes)}): {e}") from e
     graph.remove_unused_constants()

@@ -308,8 +308,8 @@ def _conv(imp: _Importer, node, a) -> None:
     """convolution / conv2d: torch padding p (symmetric) -> pads (p0, p1, p0, p1); 'same' puts the
     odd element at the end like torch does."""
     if a.get("transposed", False):
-        raise imp.unsupported(node, "transposed convolution is not supported; use upsampling-free decoders or "
-                                    "export to ONNX")
+        _conv_transpose(imp, node, a)
+        return
     x, w = imp.val(a["input"]), imp.val(a["weight"])
     wt = imp.g.types[w]
     if wt.rank != 4:
@@ -326,6 +326,21 @@ def _conv(imp: _Importer, node, a) -> None:
         pads = (p[0], p[1], p[0], p[1])
     ins = [x, w] + ([imp.val(a["bias"])] if a.get("bias") is not None else [])
     imp.emit(node, "conv2d", ins, {"strides": stride, "pads": pads, "dilations": dil, "group": int(a["groups"])})
+
+
+def _conv_transpose(imp: _Importer, node, a) -> None:
+    """convolution(transposed=True) (nn.ConvTranspose2d): torch padding p crops p on both sides;
+    output_padding extends the end -> conv_transpose2d with pads (p0, p1, p0, p1)."""
+    x, w = imp.val(a["input"]), imp.val(a["weight"])
+    wt = imp.g.types[w]
+    if wt.rank != 4:
+        raise imp.unsupported(node, f"only 2-D transposed convolution is supported (weight {wt})")
+    p = _pair(a.get("padding", (0, 0)))
+    ins = [x, w] + ([imp.val(a["bias"])] if a.get("bias") is not None else [])
+    imp.emit(node, "conv_transpose2d", ins, {
+        "strides": _pair(a.get("stride", 1)), "pads": (p[0], p[1], p[0], p[1]),
+        "dilations": _pair(a.get("dilation", 1)), "group": int(a["groups"]),
+        "output_padding": _pair(a.get("output_padding", 0))})
 
 
 def _linear(imp: _Importer, node, a) -> None:
@@ -493,6 +508,100 @@ def _reshape(imp: _Importer, node, a) -> None:
         imp.emit(node, "reshape", [src], {"shape": shape})
 
 
+def _upsample(mode: str) -> Handler:
+    """upsample_nearest2d / _upsample_nearest_exact2d / upsample_bilinear2d (``F.interpolate``) ->
+    resize.  torch's source coordinates: nearest floor(dst / s) (ONNX asymmetric + floor), nearest-exact
+    floor((dst + 0.5) / s) (half_pixel + round_prefer_ceil), bilinear (dst + 0.5) / s - 0.5 clamped
+    at 0 (half_pixel) or dst * (in - 1) / (out - 1) with align_corners; ``s`` is the given scale
+    factor, else out / in.  (torch multiplies by 1 / s in float32 where ONNX divides by s: for
+    factors that are not powers of two a rare output can take the neighbouring source pixel.)"""
+    def h(imp: _Importer, node, a) -> None:
+        from qcompile.ir.ops import resize_output_size
+
+        x = imp.val(node.args[0])
+        xt = imp.g.types[x]
+        if xt.rank != 4:
+            raise imp.unsupported(node, f"only 4-D (NCHW) upsampling is supported, the input is {xt}")
+        out_hw = tuple(int(d) for d in node.meta["val"].shape[2:])
+        factors = a.get("scale_factors")
+        if factors is None and a.get("scales_h") is not None and a.get("scales_w") is not None:
+            factors = (a["scales_h"], a["scales_w"])
+        scales = []
+        for k, (n_in, n_out) in enumerate(zip(xt.shape[2:], out_hw)):
+            f = float(factors[k]) if factors is not None and factors[k] is not None else None
+            if f is None or f <= 0 or resize_output_size(n_in, f) != n_out:
+                f = np.float32(n_out) / np.float32(n_in)
+            scales.append(float(str(np.float32(f))))
+        if mode == "linear":
+            ctm = "align_corners" if a.get("align_corners") else "half_pixel"
+            nearest = "round_prefer_floor"
+        else:
+            ctm, nearest = ("asymmetric", "floor") if mode == "nearest" else ("half_pixel", "round_prefer_ceil")
+        imp.emit(node, "resize", [x], {"sizes": out_hw, "scales": tuple(scales), "mode": "linear" if mode == "linear"
+                                        else "nearest", "coordinate_transformation_mode": ctm, "nearest_mode": nearest})
+    return h
+
+
+def _slice_value(imp: _Importer, node, x: str, dim: int, start: int, end: int, step: int, *,
+                 final: bool) -> str | None:
+    """IR ``slice`` of ``x`` along ``dim`` (torch semantics: negative indices wrap, out-of-range ones
+    clamp, step > 0); None when the slice is the whole axis."""
+    from qcompile.ir.ops import normalize_slice, slice_length
+
+    shape = imp.g.types[x].shape
+    if step <= 0:
+        raise imp.unsupported(node, f"slice step {step} is not supported (torch requires positive steps)")
+    st, en, ax, sp = normalize_slice(shape, [start], [end], [dim], [step])
+    if slice_length(st[0], en[0], sp[0]) == 0:
+        raise imp.unsupported(node, f"slice {start}:{end}:{step} of dim {dim} of {shape} is empty; qcompile does "
+                                    "not represent empty tensors")
+    if (st[0], en[0], sp[0]) == (0, shape[ax[0]], 1):
+        return None
+    return imp.emit(node, "slice", [x], {"starts": st, "ends": en, "axes": ax, "steps": sp}, final=final)
+
+
+def _slice(imp: _Importer, node, a) -> None:
+    """slice.Tensor(self, dim, start, end, step): ``x[..., start:end:step]`` (also narrow)."""
+    start, end = a.get("start"), a.get("end")
+    if isinstance(start, torch.fx.Node) or isinstance(end, torch.fx.Node):
+        raise imp.unsupported(node, "slice bounds computed at run time are not supported")
+    x = imp.val(a["self"])
+    out = _slice_value(imp, node, x, int(a.get("dim", 0)), 0 if start is None else int(start),
+                       (1 << 63) - 1 if end is None else int(end), int(a.get("step", 1)), final=True)
+    if out is None:
+        imp.alias(node, a["self"])
+
+
+def _select(imp: _Importer, node, a) -> None:
+    """select.int(self, dim, index) (``x[:, i]``): a one-element slice, then a reshape dropping ``dim``."""
+    x = imp.val(a["self"])
+    shape = imp.g.types[x].shape
+    dim, index = int(a["dim"]) % len(shape), int(a["index"])
+    index = index + shape[dim] if index < 0 else index
+    if not 0 <= index < shape[dim]:
+        raise imp.unsupported(node, f"index {a['index']} is out of range for dim {dim} of {shape}")
+    part = _slice_value(imp, node, x, dim, index, index + 1, 1, final=False) or x
+    imp.emit(node, "reshape", [part], {"shape": tuple(d for i, d in enumerate(shape) if i != dim)})
+
+
+def _split(imp: _Importer, node, a) -> None:
+    """split.Tensor / split_with_sizes (``torch.split``, ``chunk``): one slice per piece."""
+    x = imp.val(a["self"])
+    shape = imp.g.types[x].shape
+    dim = int(a.get("dim", 0)) % len(shape)
+    if "split_sizes" in a:
+        sizes = [int(v) for v in a["split_sizes"]]
+    else:
+        step = int(a["split_size"])
+        sizes = [min(step, shape[dim] - k) for k in range(0, shape[dim], step)]
+    pieces, begin = [], 0
+    for size in sizes:
+        out = _slice_value(imp, node, x, dim, begin, begin + size, 1, final=False)
+        pieces.append(x if out is None else out)
+        begin += size
+    imp.env[node.name] = tuple(pieces)
+
+
 def _permute(imp: _Importer, node, a) -> None:
     """permute(dims) / transpose(dim0, dim1) / t -> transpose with a full permutation."""
     x = imp.val(node.args[0])
@@ -569,6 +678,9 @@ HANDLERS: dict[str, Handler] = {
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape,
     "squeeze": _reshape, "unsqueeze": _reshape,
     "permute": _permute, "transpose": _permute, "t": _permute,
+    "slice": _slice, "select": _select, "split": _split, "split_with_sizes": _split,
+    "upsample_nearest2d": _upsample("nearest"), "_upsample_nearest_exact2d": _upsample("nearest_exact"),
+    "upsample_bilinear2d": _upsample("linear"),
     "softmax": _softmax, "_softmax": _softmax,
     "clone": _passthrough, "contiguous": _passthrough, "alias": _passthrough, "detach": _passthrough,
     "lift_fresh_copy": _passthrough, "_to_copy": _same_dtype_copy, "to": _same_dtype_copy,
@@ -578,8 +690,8 @@ HANDLERS: dict[str, Handler] = {
 }
 """ATen op name (overload packet) -> handler(importer, fx node, bound arguments)."""
 
-REPORTED_WHOLE = ("lstm", "gru", "rnn_tanh", "rnn_relu", "upsample_nearest2d", "upsample_bilinear2d",
-                  "pixel_shuffle", "layer_norm", "group_norm", "instance_norm", "embedding")
+REPORTED_WHOLE = ("lstm", "gru", "rnn_tanh", "rnn_relu", "upsample_bicubic2d", "_upsample_bilinear2d_aa",
+                  "_upsample_bicubic2d_aa", "pixel_shuffle", "layer_norm", "group_norm", "instance_norm", "embedding")
 """Layers qcompile cannot map, kept whole so errors name them rather than their pieces."""
 
 PRESERVED = frozenset(HANDLERS) | frozenset(REPORTED_WHOLE)

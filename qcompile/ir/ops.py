@@ -14,6 +14,20 @@ Layouts are NCHW; semantics follow ONNX unless stated.  Conventions:
 * ``clip(x)`` with attributes ``min``/``max`` (None = unbounded);
   ``hardsigmoid``: max(0, min(1, alpha*x + beta)); ``hardswish``: x * hardsigmoid(x; 1/6, 1/2).
 * ``reshape`` takes a fully static target ``shape`` attribute (no -1 / 0 after import).
+* ``conv_transpose2d(x, w[, b])``: ONNX ConvTranspose / torch ``conv_transpose2d``; ``w`` is
+  (C_in, C_out/group, kH, kW); ``pads`` (t, l, b, r) crop the full output, ``output_padding``
+  (h, w) extends it at the end (bottom / right) and is below max(stride, dilation) (as in torch and
+  onnxruntime), so H_out = (H - 1) * s - p_t - p_b + d * (kH - 1) + 1 + op_h.
+  MACs = N * C_in * H * W * (C_out/group) * kH * kW (every input pixel meets a kernel).
+* ``resize(x)``: ONNX Resize of H and W of an NCHW tensor to ``sizes`` (H_out, W_out);
+  ``scales`` (s_h, s_w) are the factors the source coordinates are computed with (ONNX: the
+  given scales, or sizes / input size); ``sizes`` must be ``floor(in * scale)`` or ``scale`` must
+  be ``float32(out) / float32(in)``.  ``mode`` nearest | linear (bilinear, edge clamped);
+  ``coordinate_transformation_mode`` and ``nearest_mode`` as ONNX (see
+  :func:`resize_source_coords`).  MACs: 0 (nearest), 4 per output element (linear).
+* ``slice(x)``: ONNX Slice with static, normalised ``starts``/``ends``/``axes``/``steps``
+  (:func:`normalize_slice`): axes distinct in [0, rank); step > 0: 0 <= start < end <= dim;
+  step < 0: -1 <= end < start <= dim - 1 (end -1 means "through index 0"); never empty.
 """
 
 from __future__ import annotations
@@ -155,6 +169,43 @@ register(OpSchema(
     {"strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1), "group": 1},
     _conv2d_infer, _conv2d_macs, weight_inputs=(1, 2),
     doc="2-D convolution, NCHW / OIHW, pads (t,l,b,r)."))
+
+
+def _conv_transpose2d_infer(t, a, node):
+    x, w = t[0], t[1]
+    _check(x.rank == 4 and w.rank == 4, node, f"expects 4-D input and weight, got {x} and {w}")
+    n, c, h, wd = x.shape
+    ci, cog, kh, kw = w.shape
+    g = a["group"]
+    _check(g >= 1 and c % g == 0, node, f"input channels {c} not divisible by group {g}")
+    _check(ci == c, node, f"weight expects {ci} input channels (C_in, C_out/group, kH, kW), input has {c}")
+    co = cog * g
+    if len(t) > 2 and t[2] is not None:
+        _check(t[2].shape == (co,), node, f"bias shape {t[2].shape} != ({co},)")
+    st, pd, dl, op = a["strides"], a["pads"], a["dilations"], a["output_padding"]
+    _check(len(st) == 2 and len(dl) == 2 and len(pd) == 4 and len(op) == 2, node,
+           f"strides {st}, dilations {dl}, output_padding {op} need 2 values and pads {pd} 4")
+    _check(min(st) >= 1 and min(dl) >= 1 and min(pd) >= 0 and min(op) >= 0, node,
+           f"strides {st} / dilations {dl} must be >= 1, pads {pd} / output_padding {op} >= 0")
+    _check(all(o < max(s, d) for o, s, d in zip(op, st, dl)), node,
+           f"output_padding {op} must be below max(stride, dilation) per axis (strides {st}, dilations {dl})")
+    ho = (h - 1) * st[0] - pd[0] - pd[2] + dl[0] * (kh - 1) + 1 + op[0]
+    wo = (wd - 1) * st[1] - pd[1] - pd[3] + dl[1] * (kw - 1) + 1 + op[1]
+    _check(ho > 0 and wo > 0, node, f"output spatial size {ho}x{wo} is empty")
+    return [TensorType((n, co, ho, wo), x.dtype)]
+
+
+def _conv_transpose2d_macs(t, o, a):
+    _, cog, kh, kw = t[1].shape
+    return t[0].numel * cog * kh * kw
+
+
+register(OpSchema(
+    "conv_transpose2d", 2, 3,
+    {"strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1), "group": 1, "output_padding": (0, 0)},
+    _conv_transpose2d_infer, _conv_transpose2d_macs, weight_inputs=(1, 2),
+    doc="2-D transposed convolution, NCHW / (C_in, C_out/group, kH, kW), pads (t,l,b,r) crop the "
+        "output, output_padding (h, w) extends it at the end."))
 
 
 def _linear_infer(t, a, node):
@@ -322,6 +373,174 @@ def _transpose_infer(t, a, node):
 
 
 register(OpSchema("transpose", 1, 1, {"perm": REQUIRED}, _transpose_infer))
+
+
+def normalize_slice(shape: Sequence[int], starts: Sequence[int], ends: Sequence[int],
+                    axes: Sequence[int] | None = None, steps: Sequence[int] | None = None
+                    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """ONNX Slice parameters made static and canonical for ``shape`` (the ``slice`` op's form).
+
+    Negative starts / ends count from the end of the axis; then, for a positive step, start and end
+    are clamped to [0, dim]; for a negative step start to [0, dim - 1] and end to [-1, dim - 1]
+    (so ``INT64_MAX`` / ``INT64_MIN`` ends mean "to the end" / "through index 0").  Axes default
+    to 0..len(starts)-1 and steps to 1.  Raises ValueError for a zero step, an axis out of range or
+    repeated, or mismatched lengths; the result may describe an empty slice (callers refuse it)."""
+    rank = len(shape)
+    k = len(starts)
+    axes = list(range(k)) if axes is None else [int(x) for x in axes]
+    steps = [1] * k if steps is None else [int(x) for x in steps]
+    if not (len(ends) == len(axes) == len(steps) == k):
+        raise ValueError(f"starts {list(starts)}, ends {list(ends)}, axes {axes} and steps {steps} "
+                         "must have the same length")
+    out_s, out_e, out_a, out_st = [], [], [], []
+    for start, end, ax, st in zip(starts, ends, axes, steps):
+        if not -rank <= ax < rank:
+            raise ValueError(f"axis {ax} is out of range for rank {rank}")
+        ax = _norm_axis(ax, rank)
+        if ax in out_a:
+            raise ValueError(f"axis {ax} is sliced twice")
+        if st == 0:
+            raise ValueError("a slice step cannot be 0")
+        dim = int(shape[ax])
+        start, end = int(start), int(end)
+        start = start + dim if start < 0 else start
+        end = end + dim if end < 0 else end
+        if st > 0:
+            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+        else:
+            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+        out_s.append(start)
+        out_e.append(end)
+        out_a.append(ax)
+        out_st.append(st)
+    return tuple(out_s), tuple(out_e), tuple(out_a), tuple(out_st)
+
+
+def slice_length(start: int, end: int, step: int) -> int:
+    """Number of elements a normalised slice (see :func:`normalize_slice`) selects on its axis."""
+    return max(0, -(-(end - start) // step))
+
+
+def _slice_infer(t, a, node):
+    x = t[0]
+    starts, ends, axes, steps = (tuple(a[k]) for k in ("starts", "ends", "axes", "steps"))
+    _check(len(starts) == len(ends) == len(axes) == len(steps) >= 1, node,
+           f"starts {starts}, ends {ends}, axes {axes}, steps {steps} must be non-empty and of equal length")
+    _check(len(set(axes)) == len(axes) and all(0 <= ax < x.rank for ax in axes), node,
+           f"axes {axes} must be distinct and in [0, {x.rank}) for {x}")
+    shape = list(x.shape)
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        dim = x.shape[ax]
+        ok = (0 <= s < e <= dim) if st > 0 else (st < 0 and -1 <= e < s <= dim - 1)
+        _check(ok, node, f"slice {s}:{e}:{st} of axis {ax} (size {dim}) is not normalised and non-empty "
+                         "(use ops.normalize_slice)")
+        shape[ax] = slice_length(s, e, st)
+    return [TensorType(tuple(shape), x.dtype)]
+
+
+register(OpSchema("slice", 1, 1, {"starts": REQUIRED, "ends": REQUIRED, "axes": REQUIRED, "steps": REQUIRED},
+                  _slice_infer, doc="ONNX Slice with static normalised parameters (normalize_slice)."))
+
+
+RESIZE_MODES = ("nearest", "linear")
+RESIZE_COORDINATE_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners",
+                           "asymmetric")
+"""ONNX's coordinate modes qcompile implements; not tf_crop_and_resize (needs roi) nor
+tf_half_pixel_for_nearest (onnxruntime implements it only under the non-standard name
+tf_half_pixel_for_nn, so no reference runs it)."""
+RESIZE_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def resize_output_size(size: int, scale: float) -> int:
+    """ONNX / onnxruntime output length for a scale: floor(float32(scale) * size)."""
+    return int(math.floor(float(np.float32(scale) * np.float32(size))))
+
+
+def resize_source_coords(in_len: int, out_len: int, scale: float, mode: str) -> np.ndarray:
+    """Source coordinate (float32) of each of ``out_len`` output positions, ONNX Resize's
+    ``coordinate_transformation_mode`` ``mode`` with ``scale``, computed in float32 in
+    onnxruntime's order:
+
+    * half_pixel: (x + 0.5) / s - 0.5;  pytorch_half_pixel: the same, or 0 when out_len == 1;
+    * half_pixel_symmetric: offset + (x + 0.5) / s - 0.5 with offset = in/2 * (1 - out / (s * in))
+      (the last sum in double, as onnxruntime does);
+    * align_corners: x * (in - 1) / (out - 1) (0 when out_len == 1);
+    * asymmetric: x / s.
+    """
+    f = np.float32
+    x = np.arange(out_len, dtype=f)
+    s = f(scale)
+    half = f(0.5)
+    if mode == "half_pixel":
+        return (x + half) / s - half
+    if mode == "pytorch_half_pixel":
+        return (x + half) / s - half if out_len > 1 else np.zeros(out_len, f)
+    if mode == "half_pixel_symmetric":
+        adjustment = f(out_len) / (s * f(in_len))
+        offset = f(in_len) / f(2.0) * (f(1.0) - adjustment)
+        return (np.float64(offset) + (x.astype(np.float64) + 0.5) / np.float64(s) - 0.5).astype(f)
+    if mode == "align_corners":
+        return x * f(in_len - 1) / f(out_len - 1) if out_len > 1 else np.zeros(out_len, f)
+    if mode == "asymmetric":
+        return x / s
+    raise ValueError(f"unknown coordinate_transformation_mode {mode!r}; known: {RESIZE_COORDINATE_MODES}")
+
+
+def resize_nearest_indices(in_len: int, out_len: int, scale: float, coord_mode: str,
+                           nearest_mode: str) -> np.ndarray:
+    """Source index (int64) of each output position for ``mode="nearest"``, clamped to [0, in_len)."""
+    c = resize_source_coords(in_len, out_len, scale, coord_mode)
+    fl = np.floor(c)
+    frac = c - fl
+    if nearest_mode == "floor":
+        idx = fl
+    elif nearest_mode == "ceil":
+        idx = np.ceil(c)
+    elif nearest_mode == "round_prefer_floor":
+        idx = fl + (frac > 0.5)
+    elif nearest_mode == "round_prefer_ceil":
+        idx = fl + (frac >= 0.5)
+    else:
+        raise ValueError(f"unknown nearest_mode {nearest_mode!r}; known: {RESIZE_NEAREST_MODES}")
+    return np.clip(idx, 0, in_len - 1).astype(np.int64)
+
+
+def resize_linear_weights(in_len: int, out_len: int, scale: float, coord_mode: str
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(i0, i1, w0, w1) for ``mode="linear"``: output k = w0[k] * x[i0[k]] + w1[k] * x[i1[k]], the
+    source coordinate clamped to [0, in_len - 1] (onnxruntime's edge handling)."""
+    c = np.clip(resize_source_coords(in_len, out_len, scale, coord_mode), np.float32(0), np.float32(in_len - 1))
+    i0 = np.floor(c).astype(np.int64)
+    i1 = np.minimum(i0 + 1, in_len - 1)
+    w1 = (c - i0.astype(np.float32)).astype(np.float32)
+    return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
+
+
+def _resize_infer(t, a, node):
+    x = t[0]
+    _check(x.rank == 4, node, f"expects an NCHW input, got {x}")
+    _check(a["mode"] in RESIZE_MODES, node, f"mode {a['mode']!r} is not one of {RESIZE_MODES}")
+    _check(a["coordinate_transformation_mode"] in RESIZE_COORDINATE_MODES, node,
+           f"coordinate_transformation_mode {a['coordinate_transformation_mode']!r} is not one of "
+           f"{RESIZE_COORDINATE_MODES}")
+    _check(a["nearest_mode"] in RESIZE_NEAREST_MODES, node,
+           f"nearest_mode {a['nearest_mode']!r} is not one of {RESIZE_NEAREST_MODES}")
+    sizes, scales = tuple(a["sizes"]), tuple(a["scales"])
+    _check(len(sizes) == 2 and len(scales) == 2 and min(sizes) >= 1 and min(scales) > 0, node,
+           f"sizes {sizes} must be 2 positive ints and scales {scales} 2 positive numbers")
+    for n_in, n_out, s in zip(x.shape[2:], sizes, scales):
+        _check(resize_output_size(n_in, s) == n_out or np.float32(s) == np.float32(n_out) / np.float32(n_in),
+               node, f"sizes {sizes} do not follow from scales {scales} for input {x} (need floor(in * scale) "
+                     "== size, or scale == size / in)")
+    return [TensorType(x.shape[:2] + sizes, x.dtype)]
+
+
+register(OpSchema(
+    "resize", 1, 1,
+    {"sizes": REQUIRED, "scales": REQUIRED, "mode": "nearest", "coordinate_transformation_mode": "half_pixel",
+     "nearest_mode": "round_prefer_floor"},
+    _resize_infer, lambda t, o, a: o[0].numel * 4 if a["mode"] == "linear" else 0,
+    doc="ONNX Resize of H, W (nearest / bilinear); see the module docstring."))
 
 
 def _softmax_infer(t, a, node):

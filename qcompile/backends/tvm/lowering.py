@@ -2,7 +2,8 @@
 
     to_relax(graph)                                  NCHW Relax, constants embedded
     integer:   qdq_to_integer (dequantize -> conv/matmul as int8 x int8 -> int32)
-    layout:    ConvertLayout(conv2d -> NHWC/HWIO), FoldConstant (weights permuted once)
+    layout:    ConvertLayout(conv2d -> NHWC/HWIO; conv2d_transpose kept NCHW/IOHW), FoldConstant
+               (weights permuted once)
     unsigned:  (x86) uint8 activations: shifted by 128 for vpdpbusd (VNNI), else the non-negative
                ones as they are for vpmaddubsw
     legalize:  LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
@@ -117,7 +118,10 @@ def resolve(name: str, mcpu: str | None = None) -> CpuTarget:
 
 
 def layout_passes() -> list:
-    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+    """conv2d -> NHWC/HWIO; conv2d_transpose stays NCHW/IOHW, the only layout TOPI lowers (without it
+    ConvertLayout would carry NHWC into it from its neighbours and legalization would leave it)."""
+    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"],
+                                           "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}),
             relax.transform.FoldConstant()]
 
 

@@ -4,6 +4,20 @@ Constants become ``relax.const`` (embedded in the built library).  Batch norm is
 emitted as its affine form ``x * s + t`` with ``s = scale / sqrt(var + eps)`` and
 ``t = bias - mean * s`` precomputed in float64.  Layout changes (NHWC for fast
 CPU convolutions) are done afterwards by Relax's own ``ConvertLayout``.
+
+* ``conv_transpose2d`` with stride == kernel (non-overlapping taps: the usual learned 2x upsampling)
+  -> a 1x1 ``conv2d`` + depth-to-space (reshape / permute) + crop, so the conv schedules apply
+  (TOPI's transposed convolution, unscheduled, took 150 of PP-OCR det's 177 ms); otherwise
+  ``relax.op.nn.conv2d_transpose`` (IOHW weights, TOPI's default lowering); an output_padding TOPI
+  cannot take (>= stride) is first traded for less end padding, any rest is zero padding of the
+  output (before the bias).
+* ``resize`` -> ``relax.op.image.resize2d`` where TVM computes the same source pixels as
+  onnxruntime: linear with scale == out / in, and nearest with a power-of-two integer up-scale
+  (TVM multiplies by in / out where onnxruntime divides by the scale; only then are both exact,
+  so ties and floors agree) or an untouched axis.  Other resizes gather with the indices / weights
+  :mod:`qcompile.ir.ops` computes (``take``), exactly the reference's.
+* ``slice`` -> ``relax.op.strided_slice`` (positive steps) or ``take`` of the selected indices
+  (negative steps).
 """
 
 from __future__ import annotations
@@ -56,6 +70,122 @@ def _conv2d(b: _Builder, n: Node, v: list) -> relax.Expr:
         y = relax.op.add(y, b.channel_vec(b.g.constants[n.inputs[2]], 4) if n.inputs[2] in b.g.constants
                          else relax.op.reshape(v[2], (1, -1, 1, 1)))
     return y
+
+
+def _conv_transpose2d_as_conv(b: _Builder, n: Node, v: list) -> relax.Expr | None:
+    """stride == kernel, dilation 1, no output_padding, constant weight (the usual learned 2x / 4x
+    upsampling, e.g. PP-OCR's detector head): every output pixel receives exactly one kernel tap, so
+    the layer is a 1x1 convolution to C_out*kH*kW channels (scheduled like any conv) followed by a
+    depth-to-space rearrangement and the pads' crop.  None when it does not apply."""
+    a = n.attrs
+    w = b.g.constants.get(n.inputs[1])
+    if w is None or tuple(a["dilations"]) != (1, 1) or tuple(a["output_padding"]) != (0, 0) \
+            or tuple(a["strides"]) != tuple(w.shape[2:]):
+        return None
+    ci, cog, kh, kw = w.shape
+    g = a["group"]
+    nb, _, h, wd = b.g.types[n.inputs[0]].shape
+    # w[ci, co_local, i, j] per group -> 1x1 weight [(group, co_local, i, j), ci_local, 1, 1]
+    w1 = w.reshape(g, ci // g, cog, kh, kw).transpose(0, 2, 3, 4, 1).reshape(g * cog * kh * kw, ci // g, 1, 1)
+    y = b.bb.emit(relax.op.nn.conv2d(v[0], b.const(np.ascontiguousarray(w1)), groups=g))
+    y = b.bb.emit(relax.op.reshape(y, (nb, g * cog, kh, kw, h, wd)))
+    y = b.bb.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
+    y = relax.op.reshape(y, (nb, g * cog, h * kh, wd * kw))
+    t, l, bo, r = a["pads"]
+    if (t, l, bo, r) != (0, 0, 0, 0):
+        y = relax.op.strided_slice(b.bb.emit(y), axes=[2, 3], begin=[t, l], end=[h * kh - bo, wd * kw - r],
+                                   assume_inbound=True)
+    return y
+
+
+def _conv_transpose2d(b: _Builder, n: Node, v: list) -> relax.Expr:
+    a = n.attrs
+    y = _conv_transpose2d_as_conv(b, n, v)
+    if y is not None:
+        if len(v) > 2:
+            y = relax.op.add(b.bb.emit(y), b.channel_vec(b.g.constants[n.inputs[2]], 4)
+                             if n.inputs[2] in b.g.constants else relax.op.reshape(v[2], (1, -1, 1, 1)))
+        return y
+    t, l, bo, r = a["pads"]
+    (oph, opw), (sh, sw) = a["output_padding"], a["strides"]
+    # output_padding only extends the end: trade it for end padding first (the same output), keep what
+    # TOPI accepts (< stride), and zero-pad the rest
+    cut_b, cut_r = min(bo, oph), min(r, opw)
+    bo, r, oph, opw = bo - cut_b, r - cut_r, oph - cut_b, opw - cut_r
+    keep_h, keep_w = (oph if oph < sh else 0), (opw if opw < sw else 0)
+    y = relax.op.nn.conv2d_transpose(v[0], v[1], strides=a["strides"], padding=(t, l, bo, r),
+                                     output_padding=(keep_h, keep_w), dilation=a["dilations"], groups=a["group"])
+    if (oph - keep_h, opw - keep_w) != (0, 0):
+        y = relax.op.nn.pad(b.bb.emit(y), (0, 0, 0, 0, 0, oph - keep_h, 0, opw - keep_w))
+    if len(v) > 2:
+        y = b.bb.emit(y)
+        y = relax.op.add(y, b.channel_vec(b.g.constants[n.inputs[2]], 4) if n.inputs[2] in b.g.constants
+                         else relax.op.reshape(v[2], (1, -1, 1, 1)))
+    return y
+
+
+def _resize_native(n: Node, in_hw: tuple[int, int]) -> bool:
+    """Whether ``relax.op.image.resize2d`` computes exactly the IR's source pixels (module docstring)."""
+    a = n.attrs
+    ctm = a["coordinate_transformation_mode"]
+    if ctm not in ("asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners"):
+        return False  # modes TVM's resize2d does not have (half_pixel_symmetric)
+    for n_in, n_out, s in zip(in_hw, a["sizes"], a["scales"]):
+        s32 = np.float32(s)
+        if a["mode"] == "linear":
+            if s32 != np.float32(n_out) / np.float32(n_in):
+                return False
+        elif n_out == n_in and s32 == 1:
+            continue
+        elif not (float(s32).is_integer() and n_out == n_in * int(s32) and int(s32) & (int(s32) - 1) == 0):
+            return False
+        elif ctm == "align_corners" and n_in > 1:
+            return False  # (in - 1) / (out - 1) is not a power of two: TVM and onnxruntime round it differently
+    return True
+
+
+def _resize(b: _Builder, n: Node, v: list) -> relax.Expr:
+    from qcompile.ir import ops
+
+    a = n.attrs
+    in_hw = b.g.types[n.inputs[0]].shape[2:]
+    ctm = a["coordinate_transformation_mode"]
+    if _resize_native(n, in_hw):
+        nearest = a["mode"] == "nearest"
+        return relax.op.image.resize2d(
+            v[0], tuple(a["sizes"]), layout="NCHW", method="nearest_neighbor" if nearest else "linear",
+            coordinate_transformation_mode=ctm, rounding_method=a["nearest_mode"] if nearest else "round")
+    x = v[0]
+    for axis, n_in, n_out, s in zip((2, 3), in_hw, a["sizes"], a["scales"]):
+        if a["mode"] == "nearest":
+            idx = ops.resize_nearest_indices(n_in, n_out, s, ctm, a["nearest_mode"])
+            if n_in != n_out or not np.array_equal(idx, np.arange(n_in)):
+                x = b.bb.emit(relax.op.take(x, b.const(idx.astype(np.int32)), axis=axis))
+            continue
+        i0, i1, w0, w1 = ops.resize_linear_weights(n_in, n_out, s, ctm)
+        if n_in == n_out and np.array_equal(i0, np.arange(n_in)) and not np.any(w1):
+            continue
+        shape = [1, 1, 1, 1]
+        shape[axis] = n_out
+        lo = b.bb.emit(relax.op.multiply(relax.op.take(x, b.const(i0.astype(np.int32)), axis=axis),
+                                         b.const(w0.reshape(shape))))
+        hi = b.bb.emit(relax.op.multiply(relax.op.take(x, b.const(i1.astype(np.int32)), axis=axis),
+                                         b.const(w1.reshape(shape))))
+        x = b.bb.emit(relax.op.add(lo, hi))
+    return x
+
+
+def _slice(b: _Builder, n: Node, v: list) -> relax.Expr:
+    a = n.attrs
+    pos = [(s, e, ax, st) for s, e, ax, st in zip(a["starts"], a["ends"], a["axes"], a["steps"]) if st > 0]
+    x = v[0]
+    if pos:
+        x = relax.op.strided_slice(x, axes=[p[2] for p in pos], begin=[p[0] for p in pos], end=[p[1] for p in pos],
+                                   strides=[p[3] for p in pos], assume_inbound=True)
+    for s, e, ax, st in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
+        if st < 0:
+            x = relax.op.take(b.bb.emit(x), b.const(np.arange(s, e, st, dtype=np.int32)), axis=ax)
+    return x
 
 
 def _linear(b: _Builder, n: Node, v: list) -> relax.Expr:
@@ -147,7 +277,8 @@ _BINARY = {"add": relax.op.add, "sub": relax.op.subtract, "mul": relax.op.multip
            "pow": relax.op.power, "max": relax.op.maximum, "min": relax.op.minimum}
 
 EMITTERS: dict[str, Emit] = {
-    "conv2d": _conv2d, "linear": _linear, "matmul": lambda b, n, v: relax.op.matmul(v[0], v[1]),
+    "conv2d": _conv2d, "conv_transpose2d": _conv_transpose2d, "resize": _resize, "slice": _slice,
+    "linear": _linear, "matmul": lambda b, n, v: relax.op.matmul(v[0], v[1]),
     "batch_norm": _batch_norm, "clip": _clip, "hardsigmoid": _hardsigmoid, "hardswish": _hardswish,
     "leaky_relu": lambda b, n, v: relax.op.nn.leakyrelu(v[0], float(n.attrs["alpha"])),
     "gelu": lambda b, n, v: (relax.op.nn.gelu_tanh if n.attrs["approximate"] == "tanh" else relax.op.nn.gelu)(v[0]),
