@@ -1,0 +1,427 @@
+"""End-to-end OCR pipeline benchmark (issue 7): RapidOCR's PaddleOCR det -> cls -> rec.
+
+The three pretrained ONNX models come from the rapidocr-onnxruntime 1.4.4 wheel
+(``qcompile.models.thirdparty.fetch_rapidocr_models``).  This module is a minimal,
+pure-numpy re-implementation of the PaddleOCR glue (written from reading
+rapidocr's pre/post-processing, not copied) so the pipeline can be scored with
+any per-model callables ``fn({"x": batch}) -> [outputs]``:
+
+* data: text-line images rendered with DejaVuSans (shipped in the matplotlib
+  wheel) via Pillow, black on white with slight gray noise; ground truth strings
+  and their pixel boxes are known.
+* det (DB): x = (img/255 - 0.5)/0.5, NCHW, static 1x3x320x320 (rapidocr would
+  upscale to min side 736; we keep the static 320 input).  Threshold 0.3, 2x2
+  dilation, connected components (scipy.ndimage.label), box score >= 0.5,
+  axis-aligned box expanded by d = area*1.6/perimeter (the unclip offset).
+* cls: every crop resized to height 48 keeping aspect (width <= 192), padded,
+  normalised like det; a crop called '180' with score > 0.9 counts as a cls
+  error (our lines are upright), and is not rotated.
+* rec: crop resized to height 48 keeping aspect, width <= 320, zero-padded to
+  320 (static shape), normalised like det; CTC greedy decode with the character
+  list from the rec model's metadata ('character'), blank at 0, ' ' appended.
+* metric: character accuracy = 100 * (1 - sum(edit distance) / sum(len(gt)))
+  over all GT lines; GT boxes are the rendered glyph bbox padded by 0.25 x line
+  height per side (DB boxes carry a margin by design, the unclip; against tight
+  glyph boxes short lines fall just under IoU 0.5).  A GT line is matched to a detected box by IoU > 0.5
+  (greedy, one-to-one); an unmatched GT line costs len(gt); a per-line cost is
+  capped at len(gt).  False-positive detections are not penalised (reported).
+
+Colour order: rapidocr feeds BGR (cv2); our images are gray so BGR == RGB.
+
+Run:  .venv/bin/python benchmarks/ocr_pipeline.py [--n 40] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+DET_SIZE = 320
+CLS_SHAPE = (3, 48, 192)
+REC_SHAPE = (3, 48, 320)
+DET_THRESH, BOX_THRESH, UNCLIP_RATIO, MIN_SIZE = 0.3, 0.5, 1.6, 3
+CLS_THRESH = 0.9
+GT_PAD = 0.25  # GT box = glyph bbox padded by GT_PAD * line height on each side
+
+WORDS = ("the be to of and a in that have it for not on with he as you do at this but his by from they we say "
+         "her she or an will my one all would there their what so up out if about who get which go me when make "
+         "can like time no just him know take people into year your good some could them see other than then now "
+         "look only come its over think also back after use two how our work first well way even new want because "
+         "any these give day most us open price total invoice order number date street model camera river table "
+         "window green paper coffee market north south station garden music letter water yellow Hello World OCR "
+         "Python Berlin London Paris Monday Friday March October Data Model Test Check Name City Road").split()
+
+
+# ----------------------------------------------------------------------------- data
+
+def _font_path() -> str:
+    import matplotlib
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
+def _random_text(rng: np.random.Generator) -> str:
+    toks = []
+    for _ in range(int(rng.integers(1, 4))):
+        r = rng.random()
+        if r < 0.2:
+            toks.append(str(int(rng.integers(0, 100000))))
+        else:
+            w = WORDS[int(rng.integers(len(WORDS)))]
+            toks.append(w.capitalize() if rng.random() < 0.3 else w)
+    return " ".join(toks)
+
+
+def make_dataset(n: int = 40, seed: int = 0, size: int = DET_SIZE) -> list[dict]:
+    """``n`` images (size x size x 3 uint8) with 1-3 text lines each; gt = [(text, (x0, y0, x1, y1))]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    fp = _font_path()
+    data = []
+    for _ in range(n):
+        img = Image.new("L", (size, size), 255)
+        draw = ImageDraw.Draw(img)
+        nlines = int(rng.integers(1, 4))
+        band = size // nlines
+        gt = []
+        for li in range(nlines):
+            for _attempt in range(20):
+                font = ImageFont.truetype(fp, int(rng.integers(18, 27)))
+                text = _random_text(rng)
+                x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+                w, h = x1 - x0, y1 - y0
+                # keep lines recognisable at the static 48x320 rec input (aspect <= ~6 after unclip)
+                if w + 20 < size and w / max(h, 1) < 9.0:
+                    break
+            else:
+                text = "ok"
+                x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+                w, h = x1 - x0, y1 - y0
+            px = int(rng.integers(10, size - w - 10 + 1))
+            top, bot = li * band + 8, (li + 1) * band - h - 8
+            py = int(rng.integers(top, max(top, bot) + 1))
+            draw.text((px - x0, py - y0), text, fill=int(rng.integers(0, 40)), font=font)
+            m = int(round(GT_PAD * h))  # annotation-style margin around the glyph box (see docstring)
+            gt.append((text, (max(px - m, 0), max(py - m, 0), min(px + w + m, size), min(py + h + m, size))))
+        arr = np.asarray(img, dtype=np.float32)
+        arr = arr + rng.normal(0.0, 6.0, arr.shape)
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+        data.append({"image": np.repeat(arr[:, :, None], 3, axis=2), "gt": gt})
+    return data
+
+
+# ----------------------------------------------------------------------------- glue
+
+def _norm(img_hwc: np.ndarray) -> np.ndarray:
+    """uint8 HWC -> float32 CHW, (x/255 - 0.5)/0.5 (PaddleOCR det/cls/rec)."""
+    return ((img_hwc.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def _resize(img_hwc: np.ndarray, w: int, h: int) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.fromarray(img_hwc).resize((int(w), int(h)), Image.BILINEAR))
+
+
+def det_preprocess(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    if (h, w) != (DET_SIZE, DET_SIZE):
+        image = _resize(image, DET_SIZE, DET_SIZE)
+    return _norm(image)[None]
+
+
+def det_postprocess(prob: np.ndarray, src_hw: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """DB probability map (1,1,H,W) -> axis-aligned boxes (x0, y0, x1, y1) in source pixels, top-to-bottom."""
+    from scipy import ndimage
+
+    pred = prob.reshape(prob.shape[-2:])
+    H, W = pred.shape
+    mask = pred > DET_THRESH
+    mask = ndimage.binary_dilation(mask, structure=np.ones((2, 2), bool))  # rapidocr use_dilation (2x2)
+    labels, _ = ndimage.label(mask)
+    boxes = []
+    sh, sw = src_hw
+    for sl in ndimage.find_objects(labels):
+        if sl is None:
+            continue
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        bw, bh = x1 - x0, y1 - y0
+        if min(bw, bh) < MIN_SIZE:
+            continue
+        if float(pred[y0:y1, x0:x1].mean()) < BOX_THRESH:  # 'fast' box score (mean prob in the box)
+            continue
+        d = bw * bh * UNCLIP_RATIO / (2.0 * (bw + bh))  # unclip offset of the rectangle
+        ex0, ey0, ex1, ey1 = x0 - d, y0 - d, x1 + d, y1 + d
+        if min(ex1 - ex0, ey1 - ey0) < MIN_SIZE + 2:
+            continue
+        boxes.append((int(np.clip(round(ex0 / W * sw), 0, sw)), int(np.clip(round(ey0 / H * sh), 0, sh)),
+                      int(np.clip(round(ex1 / W * sw), 0, sw)), int(np.clip(round(ey1 / H * sh), 0, sh))))
+    boxes.sort(key=lambda b: (b[1], b[0]))
+    return boxes
+
+
+def _resize_pad(crop: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    c, h, w = shape
+    ch, cw = crop.shape[:2]
+    rw = min(w, int(math.ceil(h * cw / float(ch))))
+    out = np.zeros((c, h, w), np.float32)
+    out[:, :, :rw] = _norm(_resize(crop, max(rw, 1), h))
+    return out
+
+
+def cls_preprocess(crop: np.ndarray) -> np.ndarray:
+    return _resize_pad(crop, CLS_SHAPE)[None]
+
+
+def rec_preprocess(crop: np.ndarray) -> np.ndarray:
+    return _resize_pad(crop, REC_SHAPE)[None]
+
+
+def load_characters(rec_path: str | Path) -> list[str]:
+    """Character list from the rec model's metadata ('character'), blank at 0 and ' ' appended (as rapidocr)."""
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(str(rec_path), load_external_data=False).metadata_props}
+    return ["blank"] + meta["character"].splitlines() + [" "]
+
+
+def ctc_decode(logits: np.ndarray, chars: list[str]) -> tuple[str, float]:
+    """Greedy CTC on (T, C) probabilities: collapse repeats, drop blank (0)."""
+    idx = logits.argmax(axis=-1)
+    prob = logits.max(axis=-1)
+    keep = np.ones(len(idx), bool)
+    keep[1:] = idx[1:] != idx[:-1]
+    keep &= idx != 0
+    text = "".join(chars[i] for i in idx[keep])
+    return text, float(prob[keep].mean()) if keep.any() else 0.0
+
+
+CHARS: list[str] = []  # filled by main() / set_characters()
+
+
+def set_characters(chars: list[str]) -> None:
+    CHARS[:] = chars
+
+
+def run_image(fns: dict, image: np.ndarray, stats: dict | None = None) -> list[tuple[tuple[int, int, int, int], str]]:
+    """One image through det -> cls -> rec; returns [(box, text)].  Call set_characters(load_characters(rec)) first."""
+    if not CHARS:
+        raise RuntimeError("character list not set: call set_characters(load_characters(<rec .onnx path>))")
+    prob = fns["det"]({"x": det_preprocess(image)})[0]
+    boxes = det_postprocess(prob, image.shape[:2])
+    res = []
+    for b in boxes:
+        crop = image[b[1]:b[3], b[0]:b[2]]
+        if crop.size == 0:
+            continue
+        cls_out = np.asarray(fns["cls"]({"x": cls_preprocess(crop)})[0])[0]
+        label = int(cls_out.argmax())
+        if stats is not None:
+            stats["crops"] = stats.get("crops", 0) + 1
+            if label == 1 and cls_out[label] > CLS_THRESH:
+                stats["cls_rot180"] = stats.get("cls_rot180", 0) + 1
+        rec_out = np.asarray(fns["rec"]({"x": rec_preprocess(crop)})[0])[0]
+        text, _score = ctc_decode(rec_out, CHARS)
+        res.append((b, text.strip()))
+    return res
+
+
+def run_pipeline(fns: dict, images: list[np.ndarray]) -> list[list[str]]:
+    """Recognised strings per image (top-to-bottom)."""
+    return [[t for _, t in run_image(fns, im)] for im in images]
+
+
+# ----------------------------------------------------------------------------- metric
+
+def levenshtein(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def evaluate(fns: dict, dataset: list[dict]) -> dict:
+    total_len = total_err = 0
+    err_nospace = len_nospace = 0
+    stats: dict = {"crops": 0, "cls_rot180": 0}
+    matched = exact = 0
+    examples, texts = [], []
+    for item in dataset:
+        dets = run_image(fns, item["image"], stats)
+        texts.append([(list(b), t) for b, t in dets])
+        used = set()
+        for text, gbox in item["gt"]:
+            best, bj = 0.5, None
+            for j, (dbox, _) in enumerate(dets):
+                if j not in used and (v := iou(gbox, dbox)) > best:
+                    best, bj = v, j
+            total_len += len(text)
+            gns = text.replace(" ", "")
+            len_nospace += len(gns)
+            if bj is None:
+                total_err += len(text)
+                err_nospace += len(gns)
+                if len(examples) < 8:
+                    examples.append((text, None))
+                continue
+            used.add(bj)
+            matched += 1
+            pred = dets[bj][1]
+            ed = min(levenshtein(pred, text), len(text))
+            exact += ed == 0
+            total_err += ed
+            err_nospace += min(levenshtein(pred.replace(" ", ""), gns), len(gns))
+            if ed and len(examples) < 8:
+                examples.append((text, pred))
+    n_gt = sum(len(d["gt"]) for d in dataset)
+    return {"char_acc": 100.0 * (1.0 - total_err / max(total_len, 1)),
+            "char_acc_ignoring_spaces": 100.0 * (1.0 - err_nospace / max(len_nospace, 1)), "gt_lines": n_gt,
+            "detected": stats["crops"], "matched": matched, "exact_lines": exact,
+            "cls_rot180_errors": stats["cls_rot180"], "examples": examples,
+            "texts": texts}
+
+
+def metric(fns: dict, dataset: list[dict]) -> float:
+    """Character accuracy in percent (see module docstring)."""
+    return evaluate(fns, dataset)["char_acc"]
+
+
+# ----------------------------------------------------------------------------- main
+
+INPUT_SHAPES = {"det": (1, 3, DET_SIZE, DET_SIZE), "cls": (1, *CLS_SHAPE), "rec": (1, *REC_SHAPE)}
+FILES = {"det": "ch_PP-OCRv4_det_infer.onnx", "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+         "rec": "ch_PP-OCRv4_rec_infer.onnx"}
+
+
+def ort_fn(path, threads: int = 1) -> callable:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    # idle ORT worker threads otherwise spin and steal the (2) cores from the torch reference runs
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(feed):
+        return sess.run(None, {name: np.ascontiguousarray(feed["x"], dtype=np.float32)})
+    return run
+
+
+def _median_ms(f, reps: int) -> float:
+    f()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def latency(fns: dict, dataset: list[dict], reps: int = 10) -> dict:
+    rng = np.random.default_rng(0)
+    out = {m: _median_ms(lambda m=m: fns[m]({"x": rng.standard_normal(INPUT_SHAPES[m]).astype(np.float32)}), reps)
+           for m in ("det", "cls", "rec")}
+    ims = [d["image"] for d in dataset[:reps]]
+    ts = []
+    for im in ims:
+        t = time.perf_counter()
+        run_image(fns, im)
+        ts.append(time.perf_counter() - t)
+    out["end_to_end_per_image"] = 1e3 * statistics.median(ts)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default="benchmarks/results/ocr")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for torch and onnxruntime (default 1: with 2 torch threads on a busy "
+                         "2-core box the reference ran ~50x slower, det 3.2 s vs 0.06 s per call)")
+    ap.add_argument("--no-reference", action="store_true", help="only onnxruntime on the original files")
+    args = ap.parse_args(argv)
+
+    from qcompile.models.thirdparty import fetch_rapidocr_models
+
+    import torch
+    torch.set_num_threads(args.threads)
+    paths = fetch_rapidocr_models()
+    set_characters(load_characters(paths[FILES["rec"]]))
+    data = make_dataset(args.n, args.seed)
+    machine = f"{platform.processor() or platform.machine()}, {platform.system()}, nproc={__import__('os').cpu_count()}"
+    machine_threads = f", threads={args.threads}"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                machine = line.split(":", 1)[1].strip() + f", nproc={__import__('os').cpu_count()}"
+                break
+    except OSError:
+        pass
+    machine += machine_threads
+    result = {"machine": machine, "n_images": args.n, "seed": args.seed, "gt_lines": sum(len(d["gt"]) for d in data), "threads": args.threads}
+
+    variants = {"onnxruntime (original files)": {m: ort_fn(paths[f], args.threads) for m, f in FILES.items()}}
+    if not args.no_reference:
+        from qcompile.frontends import load_model
+        from qcompile.passes import PassManager, parse_pipeline
+        from qcompile.search.pipeline import reference_fn
+
+        ref = {}
+        t0 = time.perf_counter()
+        for m, f in FILES.items():
+            lm = load_model(str(paths[f]), {"x": INPUT_SHAPES[m]})
+            g = PassManager(parse_pipeline("fold-bn,dead-code")).run(lm.graph)
+            ref[m] = reference_fn(g)
+        variants["qcompile reference (fold-bn,dead-code)"] = ref
+        result["qcompile_load_seconds"] = time.perf_counter() - t0
+
+    for name, fns in variants.items():
+        t = time.perf_counter()
+        ev = evaluate(fns, data)
+        ev["eval_seconds"] = time.perf_counter() - t
+        ev["latency_ms_batch1"] = latency(fns, data, args.reps)
+        result[name] = ev
+        print(f"== {name}")
+        print(f"  char accuracy {ev['char_acc']:.2f} % (ignoring spaces {ev['char_acc_ignoring_spaces']:.2f} %) | GT lines {ev['gt_lines']}, detected boxes {ev['detected']}, "
+              f"matched {ev['matched']}, exact lines {ev['exact_lines']}, cls rot180>0.9 errors {ev['cls_rot180_errors']}")
+        lat = ev["latency_ms_batch1"]
+        print("  latency (median ms, batch 1): " + ", ".join(f"{k} {v:.1f}" for k, v in lat.items()))
+        for gt, pred in ev["examples"][:5]:
+            print(f"    miss: gt={gt!r} pred={pred!r}")
+    names = list(variants)
+    if len(names) == 2:
+        a, b = (result[n]["texts"] for n in names)
+        pairs = [(x, y) for ia, ib in zip(a, b) for x, y in zip(ia, ib)]
+        same_boxes = sum(len(ia) == len(ib) and all(x[0] == y[0] for x, y in zip(ia, ib)) for ia, ib in zip(a, b))
+        same_text = sum(x[1] == y[1] for x, y in pairs)
+        result["agreement"] = {"images_same_boxes": same_boxes, "lines_same_text": same_text, "lines": len(pairs)}
+        print(f"agreement {names[1]} vs {names[0]}: images with identical boxes {same_boxes}/{len(a)}, "
+              f"identical line strings {same_text}/{len(pairs)}")
+    result["loadavg_at_end"] = __import__("os").getloadavg()
+    print(f"machine: {machine}; load average at end {result['loadavg_at_end']} (latencies are noisy on a shared box)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ocr_pipeline.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out / 'ocr_pipeline.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
