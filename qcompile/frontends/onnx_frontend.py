@@ -541,32 +541,39 @@ def _auto_pads(imp: _Importer, node, a, spatial, k, strides, dil) -> tuple[int, 
     return (out[0][0], out[1][0], out[0][1], out[1][1])
 
 
-def _conv(imp: _Importer, node, a) -> None:
+def _conv_weight(imp: _Importer, node, a, what: str):
+    """The 4-D weight type of a Conv/ConvTranspose node, its ``kernel_shape`` checked against it."""
     w = imp.type(node.input[1])
     if w.rank != 4:
-        raise imp.unsupported(node, f"only 2-D convolution is supported (weight {w})")
+        raise imp.unsupported(node, f"only 2-D {what} is supported (weight {w})")
     if "kernel_shape" in a and _ints(a["kernel_shape"]) != w.shape[2:]:
         raise imp.unsupported(node, f"kernel_shape {_ints(a['kernel_shape'])} disagrees with the weight {w}")
+    return w
+
+
+def _present_inputs(imp: _Importer, node) -> list:
+    """The node's input values with trailing omitted optional inputs ("") dropped."""
+    ins = [imp.v(i) for i in node.input]
+    while ins and not ins[-1]:
+        ins.pop()
+    return ins
+
+
+def _conv(imp: _Importer, node, a) -> None:
+    w = _conv_weight(imp, node, a, "convolution")
     x = imp.type(node.input[0])
     k = w.shape[2:]
     strides = _ints(a.get("strides", (1, 1)))
     dil = _ints(a.get("dilations", (1, 1)))
     pads = _auto_pads(imp, node, a, x.shape[2:], k, strides, dil)
-    ins = [imp.v(i) for i in node.input]
-    while ins and not ins[-1]:
-        ins.pop()
-    imp.emit(node, "conv2d", ins, {"strides": strides, "pads": pads, "dilations": dil,
+    imp.emit(node, "conv2d", _present_inputs(imp, node), {"strides": strides, "pads": pads, "dilations": dil,
                                    "group": int(a.get("group", 1))}, output=node.output[0])
 
 
 def _conv_transpose(imp: _Importer, node, a) -> None:
     """ConvTranspose (2-D): explicit ``pads`` or ``auto_pad=VALID``; ``output_shape`` only when it is
     the shape those pads give (SAME_* auto padding and pad-deriving output_shape are refused)."""
-    w = imp.type(node.input[1])
-    if w.rank != 4:
-        raise imp.unsupported(node, f"only 2-D transposed convolution is supported (weight {w})")
-    if "kernel_shape" in a and _ints(a["kernel_shape"]) != w.shape[2:]:
-        raise imp.unsupported(node, f"kernel_shape {_ints(a['kernel_shape'])} disagrees with the weight {w}")
+    w = _conv_weight(imp, node, a, "transposed convolution")
     x = imp.type(node.input[0])
     strides = _ints(a.get("strides", (1, 1)))
     dil = _ints(a.get("dilations", (1, 1)))
@@ -589,9 +596,7 @@ def _conv_transpose(imp: _Importer, node, a) -> None:
                                     f"{list(strides)} per axis")
     attrs = {"strides": strides, "pads": pads, "dilations": dil, "group": int(a.get("group", 1)),
              "output_padding": opad}
-    ins = [imp.v(i) for i in node.input]
-    while ins and not ins[-1]:
-        ins.pop()
+    ins = _present_inputs(imp, node)
     if "output_shape" in a:
         want = _ints(a["output_shape"])[-2:]
         got = tuple((n - 1) * s - pb - pe + d * (k - 1) + 1 + o for n, s, pb, pe, d, k, o in zip(

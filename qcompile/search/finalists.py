@@ -84,7 +84,6 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
     the predicted latency (None for the others: building a quantized model with bias correction costs
     seconds); end-to-end timing only for ``count`` of the points within ``max_acc_drop`` (and the memory
     budget), again spread, the fastest always included."""
-    from qcompile.bench import interleaved
     from qcompile.factorize.latency import runner_for
     from qcompile.finetune import accuracy
     from qcompile.passes import PassContext, PassManager, parse_pipeline
@@ -113,23 +112,38 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
                           "fine-tune after compressing")
     chosen = pick(within, count)
     feed = loaded.calibration[0] if loaded.calibration else None
-    runs = {"original@target": runner_for(loaded.graph, target, feed=feed),
-            "original@onnxruntime": runner_for(loaded.graph, "onnxruntime", feed=feed)}
-    runs.update({i: runner_for(built[id(p)][1], target, feed=feed) for i, p in enumerate(chosen)})
     if progress:
         progress(f"timing {len(chosen)} finalist(s) and the original end to end on {target}, interleaved")
-    med = {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number).items()}
+    out, timing = time_finalists(
+        chosen, [runner_for(built[id(p)][1], target, feed=feed) for p in chosen],
+        runner_for(loaded.graph, target, feed=feed), runner_for(loaded.graph, "onnxruntime", feed=feed),
+        [built[id(p)][0] for p in chosen], [built[id(p)][2] for p in chosen], base_acc, result.budget,
+        rounds=rounds, number=number)
+    return out, base_acc, timing, front_acc
+
+
+def time_finalists(chosen: Sequence[Point], runs: Sequence, original_target, original_onnxruntime,
+                   pipelines: Sequence[str], values: Sequence[float], base_value: float, budget: Budget, *,
+                   rounds: int, number: int) -> tuple[list[Finalist], dict]:
+    """Time ``runs`` (one no-argument call per finalist on the target) interleaved with the original on
+    the target and on onnxruntime fp32 (medians); a finalist misses the budget when its measured latency
+    ratio exceeds ``budget.latency``.  ``values``: each finalist's accuracy / metric, ``base_value`` the
+    original's."""
+    from qcompile.bench import interleaved
+
+    timed = {"original@target": original_target, "original@onnxruntime": original_onnxruntime,
+             **dict(enumerate(runs))}
+    med = {k: float(np.median(v)) for k, v in interleaved(timed, rounds, number).items()}
     base_t, ort_t = med["original@target"], med["original@onnxruntime"]
     out = []
-    for i, p in enumerate(chosen):
-        text, _, acc = built[id(p)]
+    for i, (p, text, value) in enumerate(zip(chosen, pipelines, values)):
         lat = med[i]
         misses = []
-        if result.budget.latency is not None and lat / base_t > result.budget.latency:
-            misses.append(f"measured latency {lat / base_t:.3g}x > {result.budget.latency:g}x")
-        out.append(Finalist(text, p.error, p.latency_ratio, p.memory_ratio, acc, base_acc - acc, lat, lat / base_t,
-                            ort_t / lat, misses))
-    return out, base_acc, {"original_target_s": base_t, "original_onnxruntime_s": ort_t}, front_acc
+        if budget.latency is not None and lat / base_t > budget.latency:
+            misses.append(f"measured latency {lat / base_t:.3g}x > {budget.latency:g}x")
+        out.append(Finalist(text, p.error, p.latency_ratio, p.memory_ratio, value, base_value - value, lat,
+                            lat / base_t, ort_t / lat, misses))
+    return out, {"original_target_s": base_t, "original_onnxruntime_s": ort_t}
 
 
 def choose(finalists: Sequence[Finalist], budget: Budget, max_acc_drop: float) -> Finalist:

@@ -30,7 +30,7 @@ import numpy as np
 
 from qcompile.errors import SearchError
 from qcompile.ir.graph import Graph
-from qcompile.search.finalists import PREPARE, Finalist, pick
+from qcompile.search.finalists import PREPARE, Finalist, pick, time_finalists
 from qcompile.search.nsga import Point, SearchResult
 from qcompile.search.space import Decoded, Layer, LayerConfig, SearchSpace
 
@@ -173,7 +173,6 @@ def evaluate(space: PipelineSpace, models: PipelineModels, result: SearchResult,
     with the given model callables.  It runs whole pipelines, so it is computed for at most ``max_points``
     front points spread over the predicted latency (None for the others).  ``Finalist.pipeline`` holds the
     per-model pipeline texts as JSON."""
-    from qcompile.bench import interleaved
     from qcompile.factorize.latency import runner_for
 
     if not result.front:
@@ -199,17 +198,9 @@ def evaluate(space: PipelineSpace, models: PipelineModels, result: SearchResult,
                 fn()
         return run
 
-    runs = {"original@target": pipeline_run(models.graphs, target),
-            "original@onnxruntime": pipeline_run(models.graphs, "onnxruntime")}
-    runs.update({i: pipeline_run(built[id(p)][0], target) for i, p in enumerate(chosen)})
-    med = {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number).items()}
-    base_t, ort_t = med["original@target"], med["original@onnxruntime"]
-    out = []
-    for i, p in enumerate(chosen):
-        lat, value = med[i], built[id(p)][1]
-        misses = []
-        if result.budget.latency is not None and lat / base_t > result.budget.latency:
-            misses.append(f"measured latency {lat / base_t:.3g}x > {result.budget.latency:g}x")
-        out.append(Finalist(json.dumps(space.pipelines(p), sort_keys=True), p.error, p.latency_ratio, p.memory_ratio,
-                            value, base - value, lat, lat / base_t, ort_t / lat, misses))
-    return out, base, {"original_target_s": base_t, "original_onnxruntime_s": ort_t}, front_metric
+    values = [built[id(p)][1] for p in chosen]
+    out, timing = time_finalists(chosen, [pipeline_run(built[id(p)][0], target) for p in chosen],
+                                 pipeline_run(models.graphs, target), pipeline_run(models.graphs, "onnxruntime"),
+                                 [json.dumps(space.pipelines(p), sort_keys=True) for p in chosen], values, base,
+                                 result.budget, rounds=rounds, number=number)
+    return out, base, timing, front_metric
