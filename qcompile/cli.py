@@ -64,7 +64,7 @@ def _finetune_source(args: argparse.Namespace) -> tuple[str, str, str, list[str]
     MODEL is an artifact directory (its source model and pipeline; a previous finetune is replaced)."""
     from qcompile.artifact import MANIFEST, read_manifest
     from qcompile.finetune import Finetune
-    from qcompile.passes import PASSES, format_pipeline, parse_pipeline
+    from qcompile.passes import format_pipeline, parse_pipeline
     from qcompile.targets import get_target
 
     src = Path(args.model)
@@ -81,7 +81,7 @@ def _finetune_source(args: argparse.Namespace) -> tuple[str, str, str, list[str]
     if not spec:
         raise InputError(f"artifact '{src}' does not record its source model (manifest source.spec)")
     target = args.target or m["target"]["name"]
-    passes = parse_pipeline(m.get("pipeline") or "", {**PASSES, Finetune.name: Finetune})
+    passes = parse_pipeline(m.get("pipeline") or "")
     phases = parse_pipeline(",".join(get_target(m["target"]["name"]).phases))
     if phases and passes[-len(phases):] == phases:
         passes = passes[:-len(phases)]
@@ -146,7 +146,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
                                                                                                reverse=True)),
                               pop_size=args.pop, generations=args.generations, seed=args.seed,
                               use_predictor=not args.no_predictor, finalists=args.finalists,
-                              check_points=args.check_points, rounds=args.rounds)
+                              check_points=args.check_points, rounds=args.rounds,
+                              finetune_epochs=args.finetune_epochs, finetune_points=args.finetune_points)
+    if args.finetune_epochs < 0 or args.finetune_points < 0:
+        raise InputError("--finetune-epochs and --finetune-points must be >= 0")
     doc = search_and_compile(args.model, args.target, args.out, settings,
                              input_shapes=parse_input_shapes(args.input_shape), calibration=args.calib,
                              num_calibration=args.num_calib, force=args.force,
@@ -345,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check-points", type=int, default=16, help="front points whose validation accuracy is "
                                                                 "measured, spread over latency (default 16)")
     s.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds for the finalists")
+    s.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune (distillation, QAT when quantized) checked points that miss --max-acc-drop "
+                        "for up to N epochs on the data's training split; the chosen point's pipeline then ends "
+                        "with finetune{...} (default 0: off)")
+    s.add_argument("--finetune-points", type=int, default=4, help="how many missing points are fine-tuned, "
+                                                                  "fastest predicted first (default 4)")
     s.add_argument("--no-predictor", action="store_true", help="measure every (layer, configuration) pair up front")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--calib", help=".npy (N, ...) or .npz keyed by input name: real calibration samples")

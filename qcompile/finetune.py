@@ -55,7 +55,6 @@ from torch import nn
 from qcompile.backends.torch_backend import GraphModule, to_torch, write_back
 from qcompile.errors import InputError, ShapeError
 from qcompile.ir.graph import Graph
-from qcompile.passes.base import Pass, PassContext, PassResult
 
 Teacher = Graph | nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
@@ -456,57 +455,8 @@ def accuracy(graph: Graph, images: np.ndarray, labels: np.ndarray) -> float:
     return float((pred.numpy() == np.asarray(labels)).mean() * 100)
 
 
-@dataclass(frozen=True)
-class FinetuneOptions:
-    data: str = field(default="digits", metadata={"doc": "training data: digits, mnist or an .npz file"})
-    epochs: int = field(default=5, metadata={"doc": "maximum epochs"})
-    lr: float = field(default=1e-3, metadata={"doc": "Adam learning rate (also for scales)"})
-    batch_size: int = field(default=64, metadata={"doc": "batch size"})
-    patience: int = field(default=2, metadata={"doc": "stop after this many epochs without validation gain"})
-    kd_weight: float = field(default=0.5, metadata={"doc": "weight of the distillation loss (0..1)"})
-    temperature: float = field(default=4.0, metadata={"doc": "distillation temperature"})
-    learn_scales: bool = field(default=True, metadata={"doc": "QAT: learn the quantization scales (LSQ)"})
-    seed: int = field(default=0, metadata={"doc": "batch order seed"})
-
-
-def _finite(v: float) -> float | None:
-    return None if math.isnan(v) or math.isinf(v) else round(float(v), 6)
-
-
-class Finetune(Pass):
-    """Fine-tunes the graph it is given (:func:`finetune`; QAT for quantized graphs) on ``data``,
-    distilling from ``teacher`` (the original model, given by the driver; without one, plain
-    cross-entropy).  Its stats (recorded in the manifest) hold accuracies before/after and the
-    per-epoch history.  Lossy: the artifact is verified against the fine-tuned IR."""
-
-    name = "finetune"
-    Options = FinetuneOptions
-    exact = False
-    summary = "knowledge-distillation / quantization-aware fine-tune on real labelled data"
-
-    def __init__(self, options: Any = None, *, teacher: Teacher | None = None,
-                 progress: bool | Callable[[dict[str, float]], Any] = True, **kwargs: Any):
-        super().__init__(options, **kwargs)
-        self.teacher, self.progress = teacher, progress
-
-    def call(self, graph: Graph, ctx: PassContext) -> PassResult:
-        o = self.options
-        data = load_training_data(o.data)
-        val = data.val or (None, None)
-        qat = bool(weight_grids(graph))
-        res = finetune(graph, *data.train, val_images=val[0], val_labels=val[1], teacher=self.teacher,
-                       epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, kd_weight=o.kd_weight,
-                       temperature=o.temperature, patience=o.patience, seed=o.seed, learn_scales=o.learn_scales,
-                       progress=self.progress)
-        stats: dict[str, Any] = {"data": data.name, "qat": qat, "best_epoch": res.best_epoch,
-                                 "epochs_run": len(res.history) - 1, "stopped_early": res.stopped_early,
-                                 "diverged": res.diverged, "val_acc_before": _finite(res.history[0]["val_acc"]),
-                                 "val_acc_after": _finite(res.best_val_acc),
-                                 "history": [{k: _finite(v) for k, v in h.items()} for h in res.history]}
-        if data.test is not None:
-            stats["test_acc_before"] = _finite(accuracy(graph, *data.test))
-            stats["test_acc_after"] = _finite(accuracy(res.graph, *data.test))
-        return PassResult(res.graph, res.best_epoch > 0, stats)
+# the pass and its options live in qcompile.passes.finetune (registered as `finetune`)
+from qcompile.passes.finetune import Finetune, FinetuneOptions  # noqa: E402
 
 
 def finetune_model(model: str, pipeline: str, target: str, out: str | Path,
@@ -525,7 +475,7 @@ def finetune_model(model: str, pipeline: str, target: str, out: str | Path,
     opts = options or CompileOptions()
     tgt = get_target(target)
     user = parse_pipeline(pipeline)
-    tune = Finetune(finetune_options or FinetuneOptions(), progress=progress)
+    tune = Finetune(finetune_options or FinetuneOptions(), progress=progress)  # teacher: the loaded model
     o = tune.options
     _check_settings(o.epochs, o.batch_size, o.patience, o.lr, None, o.kd_weight, o.temperature)
     load_training_data(o.data)  # bad settings or data fail before the model is loaded
@@ -533,5 +483,4 @@ def finetune_model(model: str, pipeline: str, target: str, out: str | Path,
     if out.exists() and not opts.force:
         raise InputError(f"output '{out}' already exists (use --force to replace it)")
     loaded = load_model(model, opts.input_shapes, opts.calibration, opts.num_calibration)
-    tune.teacher = loaded.graph
     return compile_loaded(loaded, user + [tune] + parse_pipeline(",".join(tgt.phases)), tgt, out, opts)

@@ -46,10 +46,12 @@ class PassContext:
 
     ``calibration``: a list of feeds (``{input name: array}`` shaped exactly like the
     graph inputs; real data where the user gave it) used by data-driven passes and
-    by numerical verification.
+    by numerical verification.  ``original``: the graph the pipeline started from (set by
+    :meth:`~qcompile.passes.manager.PassManager.run` when not given), e.g. the teacher of ``finetune``.
     """
 
     calibration: Sequence[Mapping[str, np.ndarray]] | None = None
+    original: Graph | None = None
     instruments: list = field(default_factory=list)
     verify_structure: bool = True
     verify_numerics: bool = False

@@ -15,6 +15,8 @@ the manifest.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -93,6 +95,8 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
+        if ctx.original is None:
+            ctx = dataclasses.replace(ctx, original=graph)
         graph = graph.clone()
         if ctx.verify_structure:
             verify(graph)

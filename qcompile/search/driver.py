@@ -38,6 +38,8 @@ class SearchSettings:
     finalists: int = 4
     check_points: int = 16  # front points whose validation accuracy is measured
     rounds: int = 5
+    finetune_epochs: int = 0  # > 0: fine-tune checked points that miss the accuracy drop (finalists.recover)
+    finetune_points: int = 4
     space_options: dict = field(default_factory=dict)
 
 
@@ -79,7 +81,7 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
     """Run the whole search (module docstring); returns the ``search.json`` document."""
     from qcompile.compiler import CompileOptions, compile_loaded
     from qcompile.frontends import load_model
-    from qcompile.passes import PassContext, PassManager, parse_pipeline
+    from qcompile.passes import PassManager, parse_pipeline
     from qcompile.search import finalists as F
     from qcompile.search.latency_cache import LatencyCache
     from qcompile.search.nsga import search
@@ -112,23 +114,28 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
     if not result.feasible:
         raise SearchError(f"{spec} on {target}: {result.message}")
     x_val, y_val = data.val
+    tune = None
+    if settings.finetune_epochs > 0:
+        from qcompile.passes.finetune import FinetuneOptions
+
+        tune = FinetuneOptions(data=data.name, epochs=settings.finetune_epochs)
     finalists, base_acc, timing, front_acc = F.evaluate(loaded, space, result, target, x_val, y_val,
                                              max_acc_drop=settings.max_acc_drop, count=settings.finalists,
-                                             max_points=settings.check_points,
-                                             rounds=settings.rounds, progress=say)
+                                             max_points=settings.check_points, rounds=settings.rounds,
+                                             finetune=tune, finetune_points=settings.finetune_points,
+                                             progress=say)
     chosen = F.choose(finalists, settings.budget, settings.max_acc_drop)
     doc = F.report(result, finalists, chosen, base_acc, timing, front_acc)
     doc["settings"] = {"model": spec, "target": target, "data": data.name, "max_acc_drop": settings.max_acc_drop,
                        "bits": list(settings.bits), "ranks_per_layer": settings.ranks_per_layer,
                        "prune_ratios": list(settings.prune_ratios), "pop_size": settings.pop_size,
                        "generations": settings.generations, "seed": settings.seed,
-                       "use_predictor": settings.use_predictor}
+                       "use_predictor": settings.use_predictor, "finetune_epochs": settings.finetune_epochs,
+                       "finetune_points": settings.finetune_points}
     if data.test is not None:
         from qcompile.finetune import accuracy
 
-        built = PassManager(parse_pipeline(chosen.pipeline)).run(loaded.graph,
-                                                                 PassContext(calibration=loaded.calibration))
-        doc["chosen"]["test_accuracy"] = accuracy(built, *data.test)
+        doc["chosen"]["test_accuracy"] = accuracy(chosen.graph, *data.test)
         doc["original"]["test_accuracy"] = accuracy(loaded.graph, *data.test)
     say(f"chosen: {chosen.pipeline}\n  accuracy {chosen.accuracy:.2f} % (drop {chosen.acc_drop:.2f} pt), "
         f"{chosen.latency_ratio:.3g}x the original's latency on {target}, "

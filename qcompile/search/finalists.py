@@ -12,6 +12,11 @@ The search ranks configurations by a proxy error and the sum of per-layer latenc
   ``count`` spread over the predicted latency (the fastest always) are the finalists: each whole
   model, the original on the target and the original on onnxruntime fp32 are timed end to end,
   interleaved round-robin (:func:`qcompile.bench.interleaved`), medians;
+* with ``finetune`` options, up to ``finetune_points`` of the checked points that miss the accuracy
+  drop (the fastest predicted first) are fine-tuned (``finetune`` pass: distillation from the original,
+  quantization-aware for quantized points) and checked again; their replay pipeline ends with
+  ``finetune{...}``.  Pruned points typically need this: the proxy ranks them by the error *before*
+  recovery training, so they sit on the front as the fast, inaccurate end;
 * the chosen point is the fastest finalist whose measured latency ratio (vs the original on the
   target) meets the budget.  When no point qualifies, :class:`~qcompile.errors.SearchError` says what
   was missed and by how much.
@@ -20,8 +25,8 @@ The search ranks configurations by a proxy error and the sum of per-layer latenc
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -47,6 +52,10 @@ class Finalist:
     latency_ratio: float  # vs the original on the target, measured in the same interleaved run
     speedup_vs_onnxruntime: float  # original on onnxruntime fp32 / this point on the target
     misses: list[str]
+    graph: Any = field(default=None, repr=False, compare=False)  # the built IR (single-model searches)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph"}
 
     @property
     def qualifies(self) -> bool:
@@ -77,7 +86,8 @@ def pick(front: Sequence[Point], count: int) -> list[Point]:
 
 def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, target: str,
              images: np.ndarray, labels: np.ndarray, *, max_acc_drop: float, count: int = 4, max_points: int = 16,
-             rounds: int = 5, number: int = 10, progress=None) -> tuple[list[Finalist], float, dict, list[float | None]]:
+             rounds: int = 5, number: int = 10, finetune=None, finetune_points: int = 4,
+             progress=None) -> tuple[list[Finalist], float, dict, list[float | None]]:
     """(finalists, original accuracy, timing of the originals, accuracy of each front point).
 
     Accuracy (batched reference interpreter) is measured for up to ``max_points`` front points spread over
@@ -100,6 +110,9 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
         built[id(p)] = (text, g, accuracy(g, images, labels))
         if progress and (k + 1) % 5 == 0:
             progress(f"validation accuracy of front point {k + 1}/{len(checked)}")
+    if finetune is not None:
+        recover(built, checked, loaded, ctx, images, labels, base_acc, max_acc_drop, finetune, finetune_points,
+                progress)
     front_acc = [built[id(p)][2] if id(p) in built else None for p in result.front]
     within = [p for p in checked if base_acc - built[id(p)][2] <= max_acc_drop
               and (result.budget.memory is None or p.memory_ratio <= result.budget.memory)]
@@ -109,7 +122,7 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
                           f"{base_acc:.2f} % on the validation data: the best front point reaches "
                           f"{built[id(best)][2]:.2f} % ({best.latency_ratio:.3g}x predicted latency); relax "
                           "--max-acc-drop or the budget, offer gentler choices (--bits 8, fewer ranks), or "
-                          "fine-tune after compressing")
+                          "fine-tune the points that miss (--finetune-epochs)")
     chosen = pick(within, count)
     feed = loaded.calibration[0] if loaded.calibration else None
     if progress:
@@ -119,7 +132,30 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
         runner_for(loaded.graph, target, feed=feed), runner_for(loaded.graph, "onnxruntime", feed=feed),
         [built[id(p)][0] for p in chosen], [built[id(p)][2] for p in chosen], base_acc, result.budget,
         rounds=rounds, number=number)
+    for f, p in zip(out, chosen):
+        f.graph = built[id(p)][1]
     return out, base_acc, timing, front_acc
+
+
+def recover(built: dict, checked: Sequence[Point], loaded: LoadedModel, ctx, images: np.ndarray,
+            labels: np.ndarray, base_acc: float, max_acc_drop: float, options, points: int, progress=None) -> None:
+    """Fine-tune (in place of their ``built`` entries) up to ``points`` checked points that miss
+    ``max_acc_drop``, fastest predicted first; a fine-tune that does not improve keeps the point as it was."""
+    from qcompile.finetune import accuracy
+    from qcompile.passes.finetune import Finetune
+
+    missing = sorted((p for p in checked if base_acc - built[id(p)][2] > max_acc_drop),
+                     key=lambda p: p.latency_s)[:max(0, points)]
+    for k, p in enumerate(missing):
+        text, graph, acc = built[id(p)]
+        tune = Finetune(options, teacher=loaded.graph, progress=False)
+        tuned = tune(graph, ctx).graph
+        tuned_acc = accuracy(tuned, images, labels)
+        if progress:
+            progress(f"fine-tuned front point {k + 1}/{len(missing)}: validation accuracy {acc:.2f} -> "
+                     f"{tuned_acc:.2f} % ({p.latency_ratio:.3g}x predicted latency)")
+        if tuned_acc > acc:
+            built[id(p)] = (f"{text},{tune.to_text()}", tuned, tuned_acc)
 
 
 def time_finalists(chosen: Sequence[Point], runs: Sequence, original_target, original_onnxruntime,
@@ -167,8 +203,8 @@ def report(result: SearchResult, finalists: Sequence[Finalist], chosen: Finalist
     for p, acc in zip(doc["front"], front_acc):
         p["accuracy"] = acc  # None: not checked
     doc["original"] = {"accuracy": base_acc, **timing}
-    doc["finalists"] = [asdict(f) for f in finalists]
-    doc["chosen"] = asdict(chosen)
+    doc["finalists"] = [f.as_dict() for f in finalists]
+    doc["chosen"] = chosen.as_dict()
     return doc
 
 
