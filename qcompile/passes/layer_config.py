@@ -1,7 +1,7 @@
 """``layer-config``: apply one explicit configuration per layer (what a compression search chose).
 
 ``configs`` lists ``layer=choice`` pairs separated by ``;``; a choice is a
-:class:`~qcompile.search.space.LayerConfig` label::
+:class:`LayerConfig` label::
 
     stem.0=int8;conv_out.0=tucker2[16x8]+int8;fc=int4
 
@@ -44,10 +44,36 @@ class LayerConfigOptions:
         "doc": "correct the mean output shift of rounded weights (needs calibration data)"})
 
 
+@dataclass(frozen=True)
+class LayerConfig:
+    """One layer's choice: weight ``bits`` (32 = float) and an optional Tucker-2 ``rank`` (R_o, R_i)."""
+
+    bits: int = 32
+    rank: tuple[int, int] | None = None
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.rank:
+            parts.append(f"tucker2[{self.rank[0]}x{self.rank[1]}]")
+        if self.bits != 32 or not parts:
+            parts.append("fp32" if self.bits == 32 else f"int{self.bits}")
+        return "+".join(parts)
+
+    @staticmethod
+    def parse(label: str) -> "LayerConfig":
+        bits, rank = 32, None
+        for part in label.split("+"):
+            if part.startswith("tucker2["):
+                ro, ri = part[len("tucker2["):-1].split("x")
+                rank = (int(ro), int(ri))
+            elif part.startswith("int"):
+                bits = int(part[3:])
+        return LayerConfig(bits, rank)
+
+
 def parse_configs(text: str):
     """``"a=int8;b=tucker2[16x8]"`` -> ``{"a": LayerConfig(8), "b": LayerConfig(32, (16, 8))}``."""
-    from qcompile.search.space import LayerConfig
-
     out = {}
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, sep, label = item.partition("=")

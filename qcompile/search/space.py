@@ -51,34 +51,7 @@ import numpy as np
 from qcompile.factorize import layers as L
 from qcompile.ir.graph import Graph, Node
 from qcompile.passes.base import PassContext
-
-
-@dataclass(frozen=True)
-class LayerConfig:
-    """One layer's choice: weight ``bits`` (32 = float) and an optional Tucker-2 ``rank`` (R_o, R_i)."""
-
-    bits: int = 32
-    rank: tuple[int, int] | None = None
-
-    @property
-    def label(self) -> str:
-        parts = []
-        if self.rank:
-            parts.append(f"tucker2[{self.rank[0]}x{self.rank[1]}]")
-        if self.bits != 32 or not parts:
-            parts.append("fp32" if self.bits == 32 else f"int{self.bits}")
-        return "+".join(parts)
-
-    @staticmethod
-    def parse(label: str) -> "LayerConfig":
-        bits, rank = 32, None
-        for part in label.split("+"):
-            if part.startswith("tucker2["):
-                ro, ri = part[len("tucker2["):-1].split("x")
-                rank = (int(ro), int(ri))
-            elif part.startswith("int"):
-                bits = int(part[3:])
-        return LayerConfig(bits, rank)
+from qcompile.passes.layer_config import LayerConfig
 
 
 FP32 = LayerConfig()
