@@ -185,7 +185,8 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
             raise NumericsError(f"artifact error {rel:.3g} exceeds --max-rel-error {opts.max_rel_error}")
         manifest = {
             "format": "qcompile-artifact/1",
-            "source": graph_in.meta.get("source", {"spec": loaded.spec}),
+            "source": {"spec": loaded.spec, **graph_in.meta.get("source", {}),
+                       **{k: graph_in.meta[k] for k in ("input_shapes", "fusions") if k in graph_in.meta}},
             "pipeline": pm.text,
             "target": {**tgt.as_dict(), "options": dict(opts.backend_options)},
             "backend": backend.name,

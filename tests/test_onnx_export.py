@@ -40,6 +40,8 @@ def all_ops_graph(seed: int = 0) -> Graph:
     h = node("conv2d", [h, const("dw.w", 8, 1, 3, 3)], {"pads": (1, 2, 1, 2), "group": 8, "dilations": (1, 2)}, "dw")
     h = node("batch_norm", [h, const("bn.s", 8, positive=True), const("bn.b", 8), const("bn.m", 8),
                             const("bn.v", 8, positive=True)], {"epsilon": 1e-3}, "bn")
+    h = node("layer_norm", [h, const("lnc.s", 8, positive=True), const("lnc.b", 8)], {"axes": (1,), "epsilon": 1e-3},
+             "ln_channels")                                                      # written out at every opset
     h = node("hardswish", [h])
     h = node("silu", [h])
     h = node("gelu", [h], name="gelu_erf")
@@ -71,6 +73,7 @@ def all_ops_graph(seed: int = 0) -> Graph:
     sm = node("softmax", [node("linear", [f, const("fc.w", 10, 16), const("fc.b", 10)], name="fc")])
     rs = node("reshape", [cat], {"shape": (2, 16, 12)})
     tr = node("transpose", [rs], {"perm": (0, 2, 1)})
+    tr = node("layer_norm", [tr, const("lnl.s", 16, positive=True)], {"axes": (2,)}, "ln_last")  # ONNX op at >= 17
     l3 = node("linear", [tr, const("l3.w", 5, 16), const("l3.b", 5)], name="fc3d")      # (2, 12, 5)
     mm = node("matmul", [l3, const("mm.b", 5, 3)])                                    # (2, 12, 3)
     rm = node("reduce_mean", [mm], {"axes": (1,), "keepdims": 0})                     # (2, 3)

@@ -415,8 +415,9 @@ def test_real_pretrained_rapidocr_classifier(rapidocr_models):
     verify(g)
     counts = g.op_counts()
     assert counts["conv2d"] == 53 and counts["batch_norm"] == 35 and counts["hardsigmoid"] == 9
-    assert set(counts) <= {"conv2d", "batch_norm", "relu", "hardsigmoid", "clip", "add", "mul", "div",
+    assert set(counts) <= {"conv2d", "batch_norm", "relu", "hardsigmoid", "hardswish", "add", "mul",
                            "global_avg_pool", "max_pool2d", "reshape", "flatten", "linear", "softmax"}
+    assert g.meta["fusions"] == {"hardswish": 18}  # Paddle's x * Clip(x + 3, 0, 6) / 6, every one fused
     assert g.meta["source"]["opset"] == 11 and g.types[g.outputs[0]].shape == (1, 2)
     assert g.outputs == ["save_infer_model/scale_0.tmp_1"]
     original = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -296,6 +296,19 @@ def _batch_norm(v: list, a: dict) -> torch.Tensor:
     return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
 
 
+def _layer_norm(v: list, a: dict) -> torch.Tensor:
+    """y = (x - m) / sqrt(var + epsilon) * scale + bias over ``axes`` (biased variance); trailing axes
+    by ``F.layer_norm``, others (e.g. the channels of NCHW) written out, parameters broadcast along them."""
+    x, scale, bias = v[0], v[1], v[2] if len(v) > 2 else None
+    axes = tuple(a["axes"])
+    if axes == tuple(range(x.dim() - len(axes), x.dim())):
+        return F.layer_norm(x, scale.shape, scale, bias, a["epsilon"])
+    shape = [x.shape[i] if i in axes else 1 for i in range(x.dim())]
+    d = x - x.mean(dim=axes, keepdim=True)
+    y = d / torch.sqrt((d * d).mean(dim=axes, keepdim=True) + a["epsilon"]) * scale.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
+
+
 def _flatten(v: list, a: dict) -> torch.Tensor:
     """ONNX Flatten: (prod(shape[:axis]), prod(shape[axis:]))."""
     x = v[0]
@@ -341,6 +354,7 @@ IMPLS: dict[str, Impl] = {
     "linear": _linear,
     "matmul": lambda v, a: torch.matmul(v[0], v[1]),
     "batch_norm": _batch_norm,
+    "layer_norm": _layer_norm,
     "relu": lambda v, a: F.relu(v[0]),
     "sigmoid": lambda v, a: torch.sigmoid(v[0]),
     "tanh": lambda v, a: torch.tanh(v[0]),

@@ -9,6 +9,9 @@ operators at the requested opset (13 .. the installed onnx's newest; default 17)
 * ``clip`` -> Clip with constant min/max inputs; ``silu`` -> Sigmoid * x;
   ``hardswish`` -> HardSwish (opset >= 14; below: x * HardSigmoid(1/6, 1/2));
   ``gelu`` -> Gelu at opset >= 20, else its erf (or tanh) formula;
+* ``layer_norm`` -> LayerNormalization(axis) when its axes are the trailing ones and opset >= 17,
+  else written out (ReduceMean, Sub, Mul, ReduceMean, Add eps, Sqrt, Div, Mul / Add by the scale /
+  bias reshaped to broadcast along the axes: the form the ONNX frontend fuses back);
 * ``reduce_mean`` -> ReduceMean with ``axes`` as attribute (< 18) or input (>= 18);
 * ``reshape`` -> Reshape with an int64 initializer;
 * ``conv_transpose2d`` -> ConvTranspose with explicit pads and output_padding (an output_padding
@@ -260,6 +263,39 @@ def _emit_gelu(e: _Emitter, n: Node) -> None:
     e.node("Mul", [half_x, op("Add", s, e.scalar(n.name, 1.0, x))], [y], n.name)
 
 
+def _emit_layer_norm(e: _Emitter, n: Node) -> None:
+    """LayerNormalization (opset >= 17, trailing axes) or written out: d = x - ReduceMean(x),
+    d / Sqrt(ReduceMean(d * d) + eps) * scale + bias with scale / bias reshaped to broadcast along
+    the axes (the form the ONNX frontend fuses back)."""
+    x, axes, eps = n.inputs[0], [int(v) for v in n.attrs["axes"]], float(n.attrs["epsilon"])
+    rank = e.g.types[x].rank
+    if e.opset >= 17 and axes == list(range(rank - len(axes), rank)):
+        e.node("LayerNormalization", _present(n.inputs), n.outputs, n.name, axis=axes[0], epsilon=eps)
+        return
+
+    def op(op_type: str, *ins: str, **attrs: Any) -> str:
+        out = e.fresh(f"{n.name}/{op_type.lower()}")
+        e.node(op_type, list(ins), [out], out, **attrs)
+        return out
+
+    def mean(v: str) -> str:
+        if e.opset >= 18:
+            return op("ReduceMean", v, e.const(n.name + "_axes", np.array(axes, np.int64)), keepdims=1)
+        return op("ReduceMean", v, axes=axes, keepdims=1)
+
+    def along_axes(name: str) -> str:
+        shape = [e.g.types[x].shape[i] if i in axes else 1 for i in range(rank)]
+        return op("Reshape", name, e.const(n.name + "_shape", np.array(shape, np.int64)))
+
+    d = op("Sub", x, mean(x))
+    y = op("Div", d, op("Sqrt", op("Add", mean(op("Mul", d, d)), e.scalar(n.name + "_eps", eps, x))))
+    has_bias = len(n.inputs) > 2 and bool(n.inputs[2])
+    y_scaled = e.fresh(n.name + "/mul") if has_bias else n.outputs[0]
+    e.node("Mul", [y, along_axes(n.inputs[1])], [y_scaled], e.fresh(n.name + "/mul") if has_bias else n.name)
+    if has_bias:
+        e.node("Add", [y_scaled, along_axes(n.inputs[2])], n.outputs, n.name)
+
+
 def _emit_silu(e: _Emitter, n: Node) -> None:
     s = e.fresh(n.name + "/sigmoid")
     e.node("Sigmoid", [n.inputs[0]], [s], e.fresh(n.name + "/sigmoid"))
@@ -332,6 +368,7 @@ EMITTERS: dict[str, Callable[[_Emitter, Node], None]] = {
     "linear": _emit_linear,
     "matmul": _simple("MatMul"),
     "batch_norm": _with_attrs("BatchNormalization", lambda a: {"epsilon": float(a["epsilon"])}),
+    "layer_norm": _emit_layer_norm,
     "relu": _simple("Relu"), "sigmoid": _simple("Sigmoid"), "tanh": _simple("Tanh"), "exp": _simple("Exp"),
     "sqrt": _simple("Sqrt"), "erf": _simple("Erf"), "neg": _simple("Neg"), "abs": _simple("Abs"),
     "reciprocal": _simple("Reciprocal"), "identity": _simple("Identity"), "hardswish": _emit_hardswish,

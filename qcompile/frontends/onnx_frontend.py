@@ -23,6 +23,9 @@
    (``Shape -> Gather/Slice -> Concat -> Reshape``), ``Constant`` nodes, casts
    of constants.  Nothing numerically inexact (BatchNorm fusion etc.) happens
    here: those are qcompile passes, with provenance.
+4b. **fusion** (:mod:`qcompile.frontends.onnx_fusions`): written-out layer norm, hard-swish and
+   GELU become one node each (``layer_norm``, ``hardswish``, ``gelu``), only when every constant
+   is exactly right; ``graph.meta["fusions"]`` counts them per IR op.
 5. **mapping** (:data:`HANDLERS`): every remaining ONNX node becomes IR ops;
    anything else raises :class:`UnsupportedOpError` naming op, node and what to do.
 
@@ -311,7 +314,7 @@ def _fold_constants(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
             folded = optimizer.fold_constants_ir(m, onnx_shape_inference=True,
                                                  input_size_limit=FOLD_INPUT_SIZE_LIMIT,
                                                  output_size_limit=FOLD_OUTPUT_SIZE_LIMIT,
-                                                 should_fold=_keep_quantized_weights)
+                                                 should_fold=_fold_policy)
             rewritten = rewrite(m)
             common.RemoveUnusedNodesPass()(m)
             if not (folded.modified or rewritten.modified):
@@ -323,10 +326,14 @@ def _fold_constants(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"'{path}': constant folding failed: {type(e).__name__}: {_first_line(e)}") from e
 
 
-def _keep_quantized_weights(node) -> bool | None:
+def _fold_policy(node) -> bool | None:
     """Fold-constants policy: a DequantizeLinear of a constant stays (its integer weights are the
-    point of a quantized model); everything else is the optimizer's call."""
-    return False if node.op_type == "DequantizeLinear" else None
+    point of a quantized model); a ConstantOfShape of a constant shape folds (onnxscript keeps it by
+    default to keep files small, but the IR has no such op: YOLOv8's anchor grid is built with it);
+    everything else is the optimizer's call."""
+    if node.op_type == "DequantizeLinear":
+        return False
+    return True if node.op_type == "ConstantOfShape" else None
 
 
 # ============================================================================ 5. mapping
@@ -484,7 +491,6 @@ _ALTERNATIVES = {
     "ConstantOfShape": "ConstantOfShape should have folded: pass --input-shape for every dynamic input",
     "Range": "Range should have folded: pass --input-shape for every dynamic input",
     "Gather": "Gather " + _RUNTIME_DATA + "indexing activations is not supported",
-    "Split": "Split " + _RUNTIME_DATA + "splitting activations is not supported yet",
     "Cast": "Cast " + _RUNTIME_DATA + "qcompile graphs compute in float; remove the cast",
     "Expand": "Expand " + _RUNTIME_DATA + "broadcast explicitly in the model instead",
     "Pad": "Pad is supported only when it is constant zero padding directly before a Conv (it is then merged "
@@ -709,6 +715,43 @@ def _bn(imp: _Importer, node, a) -> None:
              output=node.output[0])
 
 
+def _layer_norm(imp: _Importer, node, a) -> None:
+    """LayerNormalization -> ``layer_norm``: ONNX's (axes ``axis`` .. rank-1; a constant Scale / B that
+    only broadcasts to them is expanded) or a fused one (:mod:`onnx_fusions`, explicit ``axes``)."""
+    from qcompile.ir.ops import layer_norm_param_shape
+
+    x = imp.type(node.input[0])
+    if any(node.output[1:]):
+        raise imp.unsupported(node, "the Mean / InvStdDev outputs of LayerNormalization are not supported")
+    if x.dtype != "float32":
+        raise imp.unsupported(node, f"only float32 LayerNormalization is supported (input {x})")
+    if "axes" in a:  # fused (domain qcompile)
+        axes = _ints(a["axes"])
+    else:
+        axis = int(a.get("axis", -1))
+        if not -x.rank <= axis < x.rank:
+            raise imp.unsupported(node, f"axis {axis} is out of range for {x}")
+        axes = tuple(range(axis % x.rank, x.rank))
+    want = layer_norm_param_shape(x.shape, axes)
+    ins = [imp.v(node.input[0])]
+    for i, what in ((1, "scale"), (2, "bias")):
+        if len(node.input) <= i or not node.input[i]:
+            continue
+        if imp.type(node.input[i]).shape == want:
+            ins.append(imp.v(node.input[i]))
+            continue
+        c = imp.const(node.input[i])
+        try:
+            full = np.ascontiguousarray(np.broadcast_to(c, want)) if c is not None else None
+        except ValueError:
+            full = None
+        if full is None:
+            raise imp.unsupported(node, f"{what} {imp.type(node.input[i])} must be a constant that broadcasts to "
+                                        f"the normalised shape {want}")
+        ins.append(imp.g.add_constant(f"{node.input[i]}_{what}", full))
+    imp.emit(node, "layer_norm", ins, {"axes": axes, "epsilon": _f32(a.get("epsilon", 1e-5))}, output=node.output[0])
+
+
 # ---------------------------------------------------------------------------- elementwise
 def _unary(op: str, attr_map: Callable[[dict], dict] | None = None):
     def h(imp: _Importer, node, a) -> None:
@@ -875,6 +918,30 @@ def _slice(imp: _Importer, node, a) -> None:
              output=node.output[0])
 
 
+def _split(imp: _Importer, node, a) -> None:
+    """Split along one axis into constant sizes (the ``split`` input, or equal parts with a smaller
+    last one as ONNX defines it): one ``slice`` per output (parts after the first are named ``<name>_<k>``)."""
+    x = imp.type(node.input[0])
+    axis = int(a.get("axis", 0))
+    if not -x.rank <= axis < x.rank:
+        raise imp.unsupported(node, f"axis {axis} is out of range for {x}")
+    axis %= x.rank
+    dim, n = int(x.shape[axis]), len(node.output)
+    sizes = _const_ints(imp, node, 1, "split sizes")
+    if sizes is None:
+        part = -(-dim // n)
+        sizes = [min(part, dim - k * part) for k in range(n)]
+    if len(sizes) != n or sum(sizes) != dim or min(sizes) <= 0:
+        raise imp.unsupported(node, f"Split of {x} along axis {axis} into sizes {sizes} for {n} outputs is invalid "
+                                    "or has an empty part; qcompile does not represent empty tensors")
+    start = 0
+    for k, (out, size) in enumerate(zip(node.output, sizes)):
+        imp.emit(node, "slice", [imp.v(node.input[0])],
+                 {"starts": (start,), "ends": (start + size,), "axes": (axis,), "steps": (1,)},
+                 output=out, suffix="" if k == 0 else f"_{k}")
+        start += size
+
+
 def _resize(imp: _Importer, node, a) -> None:
     """Resize of H and W of an NCHW tensor: nearest or linear with constant scales or sizes; attribute
     values the IR cannot express are refused by name.  Resize-10 and Upsample (which the opset upgrade
@@ -1011,6 +1078,7 @@ def _qdq(op: str):
 
 HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
     "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _bn,
+    "LayerNormalization": _layer_norm,
     "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"), "Exp": _unary("exp"),
     "Sqrt": _unary("sqrt"), "Erf": _unary("erf"), "Neg": _unary("neg"), "Abs": _unary("abs"),
     "Reciprocal": _unary("reciprocal"), "HardSwish": _unary("hardswish"),
@@ -1029,7 +1097,7 @@ HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto, dict], None]] = {
     "Reshape": _reshape, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Flatten": lambda imp, n, a: imp.emit(n, "flatten", [imp.v(n.input[0])], {"axis": int(a.get("axis", 1))},
                                           output=n.output[0]),
-    "Transpose": _transpose, "Slice": _slice, "Resize": _resize,
+    "Transpose": _transpose, "Slice": _slice, "Split": _split, "Resize": _resize,
     "Softmax": lambda imp, n, a: imp.emit(n, "softmax", [imp.v(n.input[0])], {"axis": int(a.get("axis", -1))},
                                           output=n.output[0]),
     "Identity": _eliminate, "Dropout": _eliminate, "Constant": _constant,
@@ -1062,6 +1130,9 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     _name_nodes(model)
     model = _check_shapes(model, path, shapes)
     model = _fold_constants(model, path)
+    from qcompile.frontends.onnx_fusions import fuse_onnx  # imports onnxscript's rewriter: only when loading
+
+    model, fusions = fuse_onnx(model, path)
     try:
         graph = _Importer(model, path, legacy_resize).run(shapes)
     except ShapeError as e:  # an IR shape rule failed: say which specialisation it was
@@ -1071,4 +1142,5 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     graph.meta["source"] = {"format": "onnx", "path": str(path), "opset": opset,
                             "producer": f"{model.producer_name} {model.producer_version}".strip()}
     graph.meta["input_shapes"] = {k: list(v) for k, v in shapes.items()}
+    graph.meta["fusions"] = fusions
     return graph

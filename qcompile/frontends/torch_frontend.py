@@ -493,6 +493,21 @@ def _mean(imp: _Importer, node, a) -> None:
     imp.emit(node, "reduce_mean", [x], {"axes": axes, "keepdims": int(bool(a.get("keepdim", False)))})
 
 
+def _layer_norm(imp: _Importer, node, a) -> None:
+    """layer_norm(input, normalized_shape, weight, bias, eps) over the last len(normalized_shape)
+    axes -> ``layer_norm``; a missing weight / bias becomes ones / zeros."""
+    x = imp.val(a["input"])
+    rank = imp.g.types[x].rank
+    shape = tuple(int(d) for d in a["normalized_shape"])
+    params = []
+    for key, fill in (("weight", 1.0), ("bias", 0.0)):
+        v = a.get(key)
+        params.append(imp.val(v) if v is not None else
+                      imp.const(f"{imp.ir_name(node)}.{key}", np.full(shape, fill, imp.g.types[x].dtype)))
+    imp.emit(node, "layer_norm", [x, *params], {"axes": tuple(range(rank - len(shape), rank)),
+                                                "epsilon": float(a.get("eps", 1e-5))})
+
+
 def _cat(imp: _Importer, node, a) -> None:
     ins = [imp.val(t) for t in a["tensors"]]
     imp.emit(node, "concat", ins, {"axis": int(a.get("dim", 0)) % imp.g.types[ins[0]].rank})
@@ -674,7 +689,7 @@ HANDLERS: dict[str, Handler] = {
     "max_pool2d": _max_pool, "max_pool2d_with_indices": _max_pool, "avg_pool2d": _avg_pool,
     "adaptive_avg_pool2d": _adaptive_pool("avg_pool2d"), "_adaptive_avg_pool2d": _adaptive_pool("avg_pool2d"),
     "adaptive_max_pool2d": _adaptive_pool("max_pool2d"),
-    "mean": _mean, "cat": _cat,
+    "mean": _mean, "cat": _cat, "layer_norm": _layer_norm,
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape,
     "squeeze": _reshape, "unsqueeze": _reshape,
     "permute": _permute, "transpose": _permute, "t": _permute,
@@ -691,7 +706,7 @@ HANDLERS: dict[str, Handler] = {
 """ATen op name (overload packet) -> handler(importer, fx node, bound arguments)."""
 
 REPORTED_WHOLE = ("lstm", "gru", "rnn_tanh", "rnn_relu", "upsample_bicubic2d", "_upsample_bilinear2d_aa",
-                  "_upsample_bicubic2d_aa", "pixel_shuffle", "layer_norm", "group_norm", "instance_norm", "embedding")
+                  "_upsample_bicubic2d_aa", "pixel_shuffle", "group_norm", "instance_norm", "embedding")
 """Layers qcompile cannot map, kept whole so errors name them rather than their pieces."""
 
 PRESERVED = frozenset(HANDLERS) | frozenset(REPORTED_WHOLE)

@@ -9,6 +9,9 @@ Layouts are NCHW; semantics follow ONNX unless stated.  Conventions:
 * ``matmul(a, b)``: numpy ``matmul`` broadcasting; MACs = prod(batch) * M * K * N.
 * ``batch_norm(x, scale, bias, mean, var)``: y = scale * (x - mean) / sqrt(var + epsilon) + bias
   over channel axis 1 (inference form).
+* ``layer_norm(x, scale[, bias])``: y = (x - m) / sqrt(v + epsilon) * scale + bias with m, v the
+  mean and biased variance of x over ``axes`` (any increasing set, e.g. (1,) for the channels of an
+  NCHW map, (rank-1,) for the last axis); scale / bias have shape ``(x.shape[a] for a in axes)``.
 * pools: ``kernel``, ``strides``, ``pads`` (t, l, b, r), ``ceil_mode``;
   ``avg_pool2d`` has ``count_include_pad``.
 * ``clip(x)`` with attributes ``min``/``max`` (None = unbounded);
@@ -248,6 +251,32 @@ def _bn_infer(t, a, node):
 register(OpSchema("batch_norm", 5, 5, {"epsilon": 1e-5}, _bn_infer,
                   lambda t, o, a: t[0].numel, weight_inputs=(1, 2, 3, 4),
                   doc="inference batch norm over axis 1."))
+
+
+def layer_norm_param_shape(x_shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+    """Shape of ``layer_norm``'s scale and bias: the normalised dims of ``x``, in axis order."""
+    return tuple(int(x_shape[ax]) for ax in axes)
+
+
+def _layer_norm_infer(t, a, node):
+    x = t[0]
+    axes = tuple(a["axes"])
+    _check(len(axes) >= 1 and list(axes) == sorted(set(axes)) and all(0 <= ax < x.rank for ax in axes), node,
+           f"axes {axes} must be distinct, increasing and in [0, {x.rank}) for {x}")
+    want = layer_norm_param_shape(x.shape, axes)
+    for p, what in zip(t[1:], ("scale", "bias")):
+        if p is not None:
+            _check(p.shape == want and p.dtype == x.dtype, node,
+                   f"{what} {p} must be {x.dtype} of shape {want} (x's dims at axes {axes})")
+    _check(float(a["epsilon"]) >= 0, node, f"epsilon {a['epsilon']} must be >= 0")
+    return [x]
+
+
+register(OpSchema(
+    "layer_norm", 2, 3, {"axes": REQUIRED, "epsilon": 1e-5}, _layer_norm_infer,
+    lambda t, o, a: 2 * t[0].numel, weight_inputs=(1, 2),
+    doc="y = (x - m) / sqrt(v + epsilon) * scale + bias, m and v the mean and biased variance over "
+        "`axes` (keepdims); scale / bias have the shape of x's dims at `axes` and broadcast along them."))
 
 
 # --------------------------------------------------------------------- elementwise
