@@ -54,6 +54,7 @@ _orig = server._serving
 def _safe_serving(sock, addr, opts, load_library):
     # a crashing session (e.g. SIGILL) must not take the server down or leave it in a deleted cwd
     cwd = os.getcwd()
+    print("board: session from", addr[0], flush=True)
     try:
         _orig(sock, addr, opts, load_library)
     except Exception as e:  # noqa: BLE001
@@ -62,7 +63,12 @@ def _safe_serving(sock, addr, opts, load_library):
         os.chdir(cwd)
 
 server._serving = _safe_serving
-state = server.PopenRPCServerState("127.0.0.1", int(sys.argv[1]), int(sys.argv[1]) + 1, silent=True)
+tracker = None
+if len(sys.argv) > 3:  # register with a tracker under a key: one board of a fleet
+    host, tport = sys.argv[2].rsplit(":", 1)
+    tracker = (host, int(tport))
+state = server.PopenRPCServerState("127.0.0.1", int(sys.argv[1]), int(sys.argv[1]) + 1, tracker_addr=tracker,
+                                   key=sys.argv[3] if tracker else "", silent=True)
 print("board: serving on port", state.port, flush=True)
 state.thread.join()
 '''
@@ -147,7 +153,11 @@ def setup() -> Path:
     _ensure_host_tools()
     _ensure_sysroot(root)
     _ensure_site(root)
-    (root / "server.py").write_text(_SERVER)
+    server = root / "server.py"
+    if not server.exists() or server.read_text() != _SERVER:  # atomic: concurrent test workers start boards
+        tmp = root / f".server-{os.getpid()}.py"
+        tmp.write_text(_SERVER)
+        os.replace(tmp, server)
     return root
 
 
@@ -182,8 +192,11 @@ class Board:
         self.stop()
 
 
-def serve(target: str = "arm64", port: int | None = None, timeout: float = 120.0) -> Board:
-    """Start the emulated board (after :func:`setup`) and wait until it accepts RPC sessions."""
+def serve(target: str = "arm64", port: int | None = None, timeout: float = 120.0, tracker: str | None = None,
+          key: str = "arm64") -> Board:
+    """Start the emulated board (after :func:`setup`) and wait until it accepts RPC sessions; with
+    ``tracker="host:port"`` it registers there under ``key`` (one board of a fleet: clients then set
+    QCOMPILE_RPC_TRACKER and QCOMPILE_RPC_KEY instead of QCOMPILE_RPC)."""
     root = setup()
     port = port or _free_port()
     cpu = CPUS.get(target, "cortex-a72")
@@ -191,7 +204,7 @@ def serve(target: str = "arm64", port: int | None = None, timeout: float = 120.0
            "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(root)}
     log = open(root / f"server-{port}.log", "w")
     proc = subprocess.Popen(["qemu-aarch64", "-L", str(root / "sysroot"), str(root / "sysroot/usr/bin/python3.11"),
-                             str(root / "server.py"), str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                             str(root / "server.py"), str(port), *([tracker, key] if tracker else [])], env=env, stdout=log, stderr=subprocess.STDOUT,
                             cwd=root)
     board = Board(proc, port, cpu)
     deadline = time.time() + timeout
@@ -212,12 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the emulated board until interrupted")
     s.add_argument("--port", type=int, default=9090)
     s.add_argument("--target", default="arm64", choices=sorted(CPUS))
+    s.add_argument("--tracker", help="host:port of a TVM RPC tracker to register with (a fleet of boards)")
+    s.add_argument("--key", default="arm64", help="device key at the tracker (default arm64)")
     args = ap.parse_args(argv)
     if args.cmd == "setup":
         print(f"emulated board ready in {setup()}")
         return 0
-    board = serve(args.target, args.port)
-    print(f"emulated {board.cpu} board on {board.address}: export QCOMPILE_RPC={board.address}")
+    board = serve(args.target, args.port, tracker=args.tracker, key=args.key)
+    if args.tracker:
+        print(f"emulated {board.cpu} board on {board.address}, registered at {args.tracker} as '{args.key}': "
+              f"export QCOMPILE_RPC_TRACKER={args.tracker} QCOMPILE_RPC_KEY={args.key}")
+    else:
+        print(f"emulated {board.cpu} board on {board.address}: export QCOMPILE_RPC={board.address}")
     try:
         board.process.wait()
     except KeyboardInterrupt:

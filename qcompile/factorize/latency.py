@@ -22,8 +22,7 @@ def runner_for(graph: Graph, backend: str, threads: int | None = None,
     ``feed``, by default a fixed random input."""
     threads = threads or len(os.sched_getaffinity(0))
     if feed is None:
-        x = graph.inputs[0]
-        feed = {x: np.random.default_rng(0).standard_normal(graph.types[x].shape).astype(np.float32)}
+        feed = _random_feed(graph)
     if backend == "onnxruntime":
         from qcompile.backends.onnxruntime_backend import OrtRunner
         from qcompile.frontends.onnx_export import to_onnx
@@ -38,11 +37,56 @@ def runner_for(graph: Graph, backend: str, threads: int | None = None,
     return lambda: r.run(feed)
 
 
+def _random_feed(graph: Graph) -> dict[str, np.ndarray]:
+    x = graph.inputs[0]
+    return {x: np.random.default_rng(0).standard_normal(graph.types[x].shape).astype(np.float32)}
+
+
 def measure(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, number: int = 10) -> dict:
-    """key -> median seconds of each graph on ``backend``, all timed interleaved."""
+    """key -> median seconds of each graph on ``backend``, all timed interleaved (on a remote target
+    with a fleet of boards: :func:`measure_on_fleet`)."""
     from qcompile.bench import interleaved
 
+    if backend.startswith("tvm-"):
+        from qcompile.backends.tvm.backend import TvmBackend
+
+        if TvmBackend(backend[4:]).cpu.remote:
+            return measure_on_fleet(graphs, backend, rounds, number)
     runs = {k: runner_for(g, backend) for k, g in graphs.items()}
     # layers take micro- to milliseconds: a short settle pause keeps probing a whole model quick
     return {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number, settle=0.02).items()}
 
+
+
+def measure_on_fleet(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, number: int = 10,
+                     boards: int | None = None) -> dict:
+    """:func:`measure` on remote boards: every graph is compiled and exported here first, then the keys
+    are dealt round-robin into one chunk per board (``boards``, default the fleet behind the tracker,
+    :func:`qcompile.backends.tvm.remote.fleet_size`), and each chunk is uploaded and timed interleaved in
+    its own thread and session — so N boards measure N times as many layers in the same wall time.
+    Graphs timed on different boards are compared as if on one: a fleet holds boards of one kind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qcompile.backends.tvm.backend import TvmBackend
+    from qcompile.backends.tvm.remote import RemoteTvmRunner, fleet_size
+    from qcompile.bench import interleaved
+
+    be = TvmBackend(backend[4:])
+    libs = {k: be.export_for_remote(g) for k, g in graphs.items()}
+    keys = list(libs)
+    n = max(1, min(boards or fleet_size(), len(keys)))
+
+    def work(chunk: list) -> dict:
+        runs = {}
+        for k in chunk:
+            g = graphs[k]
+            r, feed = RemoteTvmRunner(libs[k], list(g.inputs), list(g.outputs)), _random_feed(g)
+            runs[k] = (lambda r=r, feed=feed: r.run(feed))
+        got = interleaved(runs, rounds, number, settle=0.02)
+        return {k: float(np.median(v)) for k, v in got.items()}
+
+    out: dict = {}
+    with ThreadPoolExecutor(n) as pool:
+        for part in pool.map(work, [keys[i::n] for i in range(n)]):
+            out.update(part)
+    return out

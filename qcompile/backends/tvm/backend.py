@@ -5,8 +5,8 @@ kernels with the weights embedded; a board needs only the TVM runtime to load it
 For arm64 the library is linked with ``aarch64-linux-gnu-g++`` and executed on a
 remote device reached through TVM RPC: ``QCOMPILE_RPC=host:port`` (a server) or
 ``QCOMPILE_RPC_TRACKER=host:port`` plus ``QCOMPILE_RPC_KEY`` (a tracker with a fleet
-of boards).  The same code drives a physical board or the emulated one
-(``scripts/arm_board.py``).
+of boards; :mod:`qcompile.backends.tvm.remote`).  The same code drives a physical board or the
+emulated one (``python -m qcompile.board``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from qcompile.backends.base import Backend, Runner
-from qcompile.errors import TargetError
+from qcompile.backends.tvm.remote import RemoteTvmRunner
 from qcompile.ir.graph import Graph
 
 ARTIFACT = "model.so"
@@ -65,53 +65,6 @@ class LocalTvmRunner(Runner):
         """Per-run seconds (``repeat`` medians of ``number`` calls), measured by TVM's evaluator."""
         f = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
         return list(f(*self.tensors(inputs)).results)
-
-
-def rpc_session():
-    """Connect to the remote device named by QCOMPILE_RPC / QCOMPILE_RPC_TRACKER (+ QCOMPILE_RPC_KEY)."""
-    from tvm import rpc
-
-    direct = os.environ.get("QCOMPILE_RPC")
-    tracker = os.environ.get("QCOMPILE_RPC_TRACKER")
-    try:
-        if direct:
-            host, port = direct.rsplit(":", 1)
-            return rpc.connect(host, int(port), session_timeout=600)
-        if tracker:
-            host, port = tracker.rsplit(":", 1)
-            key = os.environ.get("QCOMPILE_RPC_KEY", "arm64")
-            return rpc.connect_tracker(host, int(port)).request(key, session_timeout=600)
-    except Exception as e:  # noqa: BLE001
-        raise TargetError(f"cannot reach the arm64 device over TVM RPC ({direct or tracker}): {e}") from e
-    raise TargetError("target tvm-arm64 runs on a remote board: set QCOMPILE_RPC=host:port (an RPC server, e.g. "
-                      "the emulated board from `python scripts/arm_board.py serve`) or QCOMPILE_RPC_TRACKER=host:port "
-                      "with QCOMPILE_RPC_KEY")
-
-
-class RemoteTvmRunner(Runner):
-    """Runs ``model.so`` on a remote device: upload, load, set_input / invoke_stateful / get_outputs."""
-
-    def __init__(self, lib_path: Path, graph_inputs: list[str], graph_outputs: list[str]):
-        from tvm import relax
-
-        self.session = rpc_session()
-        self.session.upload(str(lib_path))
-        lib = self.session.load_module(lib_path.name)
-        self.device = self.session.cpu()
-        self.vm = relax.VirtualMachine(lib, self.device)
-        self.input_names = graph_inputs
-        self.output_names = graph_outputs
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        import tvm
-
-        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), self.device) for n in self.input_names]
-        self.vm.set_input("main", *args)
-        self.vm.invoke_stateful("main")
-        out = self.vm.get_outputs("main")
-        if hasattr(out, "numpy"):
-            return [out.numpy()]
-        return [out[i].numpy() for i in range(len(self.output_names))]
 
 
 class TvmBackend(Backend):
@@ -165,13 +118,16 @@ class TvmBackend(Backend):
 
         return LocalTvmRunner(tvm.runtime.load_module(str(path)), ins, outs, self.threads)
 
+    def export_for_remote(self, graph: Graph) -> Path:
+        """Compile ``graph`` and export the library into a fresh temporary folder (to upload)."""
+        tmp = Path(tempfile.mkdtemp(prefix="qcompile-tvm-"))
+        self.export(self.compile(graph), tmp / ARTIFACT)
+        return tmp / ARTIFACT
+
     def runner(self, graph: Graph) -> Runner:
-        ex = self.compile(graph)
         if self.cpu.remote:
-            tmp = Path(tempfile.mkdtemp(prefix="qcompile-tvm-"))
-            self.export(ex, tmp / ARTIFACT)
-            return RemoteTvmRunner(tmp / ARTIFACT, list(graph.inputs), list(graph.outputs))
-        return LocalTvmRunner(ex, list(graph.inputs), list(graph.outputs), self.threads)
+            return RemoteTvmRunner(self.export_for_remote(graph), list(graph.inputs), list(graph.outputs))
+        return LocalTvmRunner(self.compile(graph), list(graph.inputs), list(graph.outputs), self.threads)
 
     def versions(self) -> dict[str, str]:
         import tvm
