@@ -1,6 +1,23 @@
-"""Shared fixtures. Third-party models are fetched once into the cache folder."""
+"""Shared fixtures. Third-party models are fetched once into the cache folder.
+
+The suite runs on ``pytest-xdist`` workers (``-n auto`` in pyproject's addopts, one worker per core,
+whole files per worker).  Each worker then computes with one thread: workers already fill the cores,
+and oversubscribed OpenMP / TVM thread pools spin against each other (measured: torch 50x slower on a
+busy core).
+"""
+
+import os
 
 import pytest
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for var in ("OMP_NUM_THREADS", "TVM_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
