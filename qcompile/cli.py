@@ -1,4 +1,4 @@
-"""Command line: ``qcompile compile | finetune | search | passes | inspect | run | bench``.
+"""Command line: ``qcompile compile | finetune | search | verify | passes | inspect | run | bench``.
 
 Exit codes: 0 success, 2 usage or input error (bad model, pipeline, shape, target),
 1 internal error (a bug, or an artifact that failed verification).
@@ -251,6 +251,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from qcompile.errors import NumericsError
+    from qcompile.verify import ArtifactMismatch, verify_artifact
+
+    try:
+        result = verify_artifact(args.artifact, numerics=not args.files_only)
+    except (ArtifactMismatch, NumericsError) as e:  # the artifact failed a check: exit 1, not a qcompile bug
+        print(f"qcompile verify: FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"verified {result.out_dir}")
+    for line in result.lines:
+        print(f"  {line}")
+    return 0
+
+
 SEED_SPECS = [f"qcompile.models.zoo:{n}" for n in ("resnet18", "vgg16", "googlenet", "densenet121",
                                                      "mobilenet_v2")] + ["qcompile.models.digits:digits_cnn"]
 
@@ -352,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune (distillation, QAT when quantized) checked points that miss --max-acc-drop "
                         "for up to N epochs on the data's training split; the chosen point's pipeline then ends "
                         "with finetune{...} (default 0: off)")
-    s.add_argument("--finetune-points", type=int, default=4, help="how many missing points are fine-tuned, "
-                                                                  "fastest predicted first (default 4)")
+    s.add_argument("--finetune-points", type=int, default=4,
+                   help="how many missing points are fine-tuned, spread over the predicted latency, the fastest "
+                        "always (default 4)")
     s.add_argument("--no-predictor", action="store_true", help="measure every (layer, configuration) pair up front")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--calib", help=".npy (N, ...) or .npz keyed by input name: real calibration samples")
@@ -379,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input array (.npy, or .npz keyed by input name); repeatable")
     r.add_argument("--output", help="save outputs to this .npz")
     r.set_defaults(fn=_cmd_run)
+
+    v = sub.add_parser("verify", help="re-check an artifact: file hashes against the manifest, then numerics "
+                                      "(source model reloaded, pipeline re-run, artifact run on its backend)")
+    v.add_argument("artifact", help="artifact directory written by `qcompile compile`, `finetune` or `search`")
+    v.add_argument("--files-only", action="store_true", help="check the file table only (no model is run)")
+    v.set_defaults(fn=_cmd_verify)
 
     b = sub.add_parser("bench", help="compare backends on models (interleaved medians, ratios, JSON + plot)")
     b.add_argument("models", nargs="*", help="model specs (default: the five seed CNNs and the bundled model)")

@@ -13,7 +13,7 @@ The search ranks configurations by a proxy error and the sum of per-layer latenc
   model, the original on the target and the original on onnxruntime fp32 are timed end to end,
   interleaved round-robin (:func:`qcompile.bench.interleaved`), medians;
 * with ``finetune`` options, up to ``finetune_points`` of the checked points that miss the accuracy
-  drop (the fastest predicted first) are fine-tuned (``finetune`` pass: distillation from the original,
+  drop (spread over the predicted latency, the fastest always) are fine-tuned (``finetune`` pass: distillation from the original,
   quantization-aware for quantized points) and checked again; their replay pipeline ends with
   ``finetune{...}``.  Pruned points typically need this: the proxy ranks them by the error *before*
   recovery training, so they sit on the front as the fast, inaccurate end;
@@ -140,12 +140,13 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
 def recover(built: dict, checked: Sequence[Point], loaded: LoadedModel, ctx, images: np.ndarray,
             labels: np.ndarray, base_acc: float, max_acc_drop: float, options, points: int, progress=None) -> None:
     """Fine-tune (in place of their ``built`` entries) up to ``points`` checked points that miss
-    ``max_acc_drop``, fastest predicted first; a fine-tune that does not improve keeps the point as it was."""
+    ``max_acc_drop``, spread over their predicted latency (the fastest always: the fastest points are
+    often the hardest to recover, e.g. pruned *and* int4, so the others are not all its neighbours); a
+    fine-tune that does not improve keeps the point as it was."""
     from qcompile.finetune import accuracy
     from qcompile.passes.finetune import Finetune
 
-    missing = sorted((p for p in checked if base_acc - built[id(p)][2] > max_acc_drop),
-                     key=lambda p: p.latency_s)[:max(0, points)]
+    missing = pick([p for p in checked if base_acc - built[id(p)][2] > max_acc_drop], points) if points > 0 else []
     for k, p in enumerate(missing):
         text, graph, acc = built[id(p)]
         tune = Finetune(options, teacher=loaded.graph, progress=False)
