@@ -14,10 +14,15 @@ accuracy tolerates it and the end-to-end latency gains most.
   inputs, compared with the original pipeline's (relative L2).
 * Latency objective: the sum over models of their per-layer latencies (models run one after the
   other); memory: the weight bytes of all models.
+* Models that run several times per pipeline call (a recognizer once per detected line) and the
+  quantize/dequantize boundaries a layer timed alone pays (a whole integer model does not):
+  :class:`WeightedLatencyCache` multiplies each measured pair by a per-model factor — calls per
+  pipeline run times, for quantized layers, that model's anchor scale (:func:`anchor_factors`).
 * Finalists (:func:`evaluate`): every front point's end-to-end ``metric`` (e.g. accuracy on labelled
   validation data, computed by the glue with the compressed models); of those within
-  ``max_metric_drop``, a few are timed end to end — every model once per pipeline call, in sequence,
-  on the target — interleaved with the original pipeline on the target and on onnxruntime.
+  ``max_metric_drop``, a few are timed end to end — by default every model once per pipeline call, in
+  sequence; with ``time_run``, the pipeline's real glue over real inputs — on the target, interleaved
+  with the original pipeline on the target and on onnxruntime.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from qcompile.errors import SearchError
 from qcompile.ir.graph import Graph
 from qcompile.search.finalists import PREPARE, Finalist, pick, time_finalists
 from qcompile.search.nsga import Point, SearchResult
-from qcompile.search.space import Decoded, Layer, LayerConfig, SearchSpace
+from qcompile.search.space import FP32, Decoded, Layer, LayerConfig, SearchSpace
 
 ModelFn = Callable[[Mapping[str, np.ndarray]], list]
 Glue = Callable[[Mapping[str, ModelFn]], Sequence[np.ndarray]]
@@ -53,6 +58,29 @@ def reference_fn(graph: Graph) -> ModelFn:
             out = module(*[torch.from_numpy(np.ascontiguousarray(feed[n], dtype=np.float32)) for n in graph.inputs])
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [o.numpy() for o in outs]
+    return run
+
+
+def target_fn(graph: Graph, backend: str, threads: int | None = None) -> ModelFn:
+    """``feed batch -> outputs`` of ``graph`` compiled for ``backend`` (onnxruntime or tvm-*), at the graph's
+    static shapes, with ``threads`` runtime threads (default: every core this process may use)."""
+    import os
+
+    threads = threads or len(os.sched_getaffinity(0))
+    if backend == "onnxruntime":
+        from qcompile.backends.onnxruntime_backend import OrtRunner
+        from qcompile.frontends.onnx_export import to_onnx
+
+        runner = OrtRunner(to_onnx(graph).SerializeToString(), threads)
+    elif backend.startswith("tvm-"):
+        from qcompile.backends.tvm.backend import TvmBackend
+
+        runner = TvmBackend(backend[4:], threads=threads).runner(graph)
+    else:
+        raise ValueError(f"pipelines run on onnxruntime or tvm-* backends, not '{backend}'")
+
+    def run(feed: Mapping[str, np.ndarray]) -> list:
+        return runner.run({n: np.ascontiguousarray(feed[n], dtype=np.float32) for n in graph.inputs})
     return run
 
 
@@ -144,6 +172,62 @@ class PipelineSpace:
         return out
 
 
+class WeightedLatencyCache:
+    """A :class:`~qcompile.search.latency_cache.LatencyCache` whose ``measure`` returns, for keys that are
+    (layer ``m/l``, configuration, ratio) pairs of a :class:`PipelineSpace`, the measured seconds times
+    ``factors[(m, bits)]`` (missing: ``factors[(m, 32)]``, else 1).  The file keeps the raw per-layer times.
+
+    Used as ``search(..., space=pipeline_space, cache=WeightedLatencyCache(raw, factors))``: the latency
+    objective then is the per-layer sum *per pipeline run*, each model's layers counted as often as the
+    glue calls it, quantized layers scaled to what they add inside a whole integer model."""
+
+    def __init__(self, cache, factors: Mapping[tuple[str, int], float]):
+        self.raw = cache
+        self.factors = dict(factors)
+
+    def factor(self, key) -> float:
+        if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], LayerConfig)):
+            return 1.0
+        model = str(key[0]).partition(SEP)[0]
+        return self.factors.get((model, key[1].bits), self.factors.get((model, 32), 1.0))
+
+    def measure(self, graphs):
+        return {k: t * self.factor(k) for k, t in self.raw.measure(graphs).items()}
+
+    def __getattr__(self, name):  # hits, misses, path, backend, ... of the underlying cache
+        return getattr(self.raw, name)
+
+
+def anchor_factors(space: PipelineSpace, cache, calls: Mapping[str, float] | None = None
+                   ) -> tuple[dict[tuple[str, int], float], dict]:
+    """Per model ``m`` and weight bit-width ``b`` of the space: ``calls[m]`` (runs per pipeline call, default
+    1) times, for ``b < 32``, the anchor scale ``(T_b / T_32) / (S_b / S_32)`` — T: the whole model with
+    every searched layer in ``b`` bits (and fp32) timed on ``cache``'s backend, S: the sum of those layers
+    timed alone (as :func:`qcompile.search.nsga._anchor_scales` does for one model).  Returns (factors, the
+    measurements behind them)."""
+    calls = dict(calls or {})
+    factors: dict[tuple[str, int], float] = {}
+    info: dict = {}
+    for m, sp in space.spaces.items():
+        c = float(calls.get(m, 1.0))
+        factors[(m, 32)] = c
+        bits = sorted({cfg.bits for la in sp.layers for cfg in la.choices if cfg.bits != 32 and not cfg.rank})
+        if not sp.layers or not bits:
+            continue
+        uniform = {b: {la.name: LayerConfig(b) for la in sp.layers if LayerConfig(b) in la.choices} for b in bits}
+        alone = cache.measure({(la.name, cfg): sp.layer_graph(la.name, cfg) for la in sp.layers
+                               for cfg in [FP32] + [LayerConfig(b) for b in bits] if cfg in la.choices})
+        whole = cache.measure({32: sp.build({}), **{b: sp.build(uniform[b]) for b in bits}})
+        s32 = {b: sum(alone[(n, FP32)] for n in uniform[b]) for b in bits}
+        for b in bits:
+            sb = sum(alone[(n, cfg)] for n, cfg in uniform[b].items())
+            factors[(m, b)] = c * (whole[b] / whole[32]) / (sb / s32[b])
+        info[m] = {"whole_s": {str(k): v for k, v in whole.items()}, "calls": c,
+                   "layers_alone_s": {"32": sum(alone[(la.name, FP32)] for la in sp.layers),
+                                      **{str(b): sum(alone[(n, cfg)] for n, cfg in uniform[b].items()) for b in bits}}}
+    return factors, info
+
+
 def allocation(space: PipelineSpace, point: Point) -> dict[str, dict[str, int]]:
     """How ``point`` spends its choices per model: layers per bit-width and factorized layers."""
     out: dict[str, dict[str, int]] = {}
@@ -166,22 +250,31 @@ class PipelineModels:
 
 def evaluate(space: PipelineSpace, models: PipelineModels, result: SearchResult, target: str, metric: Metric, *,
              max_metric_drop: float, count: int = 4, max_points: int = 12, rounds: int = 5, number: int = 10,
+             time_run: Callable[[Mapping[str, ModelFn]], object] | None = None, threads: int | None = None,
+             onnxruntime_fns: Mapping[str, ModelFn] | None = None, progress: Callable[[str], None] | None = None,
              ) -> tuple[list[Finalist], float, dict, list[float | None]]:
     """(finalists, original metric, timing of the original pipeline, metric of each front point).
 
     ``metric(models)`` is the pipeline's end-to-end quality (higher is better, e.g. accuracy in percent)
     with the given model callables.  It runs whole pipelines, so it is computed for at most ``max_points``
     front points spread over the predicted latency (None for the others).  ``Finalist.pipeline`` holds the
-    per-model pipeline texts as JSON."""
-    from qcompile.factorize.latency import runner_for
+    per-model pipeline texts as JSON.
 
+    Timing: ``time_run(fns)`` — one timed call, given one callable per model compiled for the target (e.g.
+    the real glue over a few real inputs, so a model runs as often as the pipeline calls it); by default
+    every model once on its first calibration feed.  ``threads``: runtime threads of every compiled model
+    (default: the backends' own).  ``onnxruntime_fns``: the original models as run on onnxruntime (default:
+    the prepared graphs exported to ONNX)."""
     if not result.front:
         raise SearchError(f"the search found no feasible point: {result.message}")
     base = metric({m: reference_fn(g) for m, g in models.graphs.items()})
     built = {}
-    for p in pick(result.front, max_points):
+    checked = pick(result.front, max_points)
+    for k, p in enumerate(checked):
         graphs = space.build_models({n: LayerConfig.parse(c) for n, c in p.configs.items()})
         built[id(p)] = (graphs, metric({m: reference_fn(g) for m, g in graphs.items()}))
+        if progress:
+            progress(f"end-to-end metric of front point {k + 1}/{len(checked)}: {built[id(p)][1]:.2f}")
     front_metric = [built[id(p)][1] if id(p) in built else None for p in result.front]
     within = [p for p in result.front if id(p) in built and base - built[id(p)][1] <= max_metric_drop]
     if not within:
@@ -190,17 +283,24 @@ def evaluate(space: PipelineSpace, models: PipelineModels, result: SearchResult,
                           f"of the original's {base:.2f}: the best front point reaches {best:.2f}")
     chosen = pick(within, count)
 
-    def pipeline_run(graphs: Mapping[str, Graph], backend: str):
-        fns = [runner_for(g, backend, feed=models.calibration[m][0]) for m, g in graphs.items()]
+    def timed(fns: Mapping[str, ModelFn]):
+        if time_run is not None:
+            return lambda: time_run(fns)
+        return lambda: [fns[m](models.calibration[m][0]) for m in fns]
 
-        def run():
-            for fn in fns:
-                fn()
-        return run
+    def pipeline_run(graphs: Mapping[str, Graph], backend: str):
+        if progress:
+            progress(f"building the pipeline for {backend}")
+        return timed({m: target_fn(g, backend, threads) for m, g in graphs.items()})
 
     values = [built[id(p)][1] for p in chosen]
-    out, timing = time_finalists(chosen, [pipeline_run(built[id(p)][0], target) for p in chosen],
-                                 pipeline_run(models.graphs, target), pipeline_run(models.graphs, "onnxruntime"),
+    runs = [pipeline_run(built[id(p)][0], target) for p in chosen]
+    original_target = pipeline_run(models.graphs, target)
+    original_ort = (timed(onnxruntime_fns) if onnxruntime_fns is not None
+                    else pipeline_run(models.graphs, "onnxruntime"))
+    if progress:
+        progress(f"timing {len(chosen)} finalist(s) and the original pipeline end to end, interleaved")
+    out, timing = time_finalists(chosen, runs, original_target, original_ort,
                                  [json.dumps(space.pipelines(p), sort_keys=True) for p in chosen], values, base,
                                  result.budget, rounds=rounds, number=number)
     return out, base, timing, front_metric
