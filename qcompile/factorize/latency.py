@@ -65,6 +65,7 @@ def measure_on_fleet(graphs: Mapping[Hashable, Graph], backend: str, rounds: int
     :func:`qcompile.backends.tvm.remote.fleet_size`), and each chunk is uploaded and timed interleaved in
     its own thread and session — so N boards measure N times as many layers in the same wall time.
     Graphs timed on different boards are compared as if on one: a fleet holds boards of one kind."""
+    import gc
     from concurrent.futures import ThreadPoolExecutor
 
     from qcompile.backends.tvm.backend import TvmBackend
@@ -83,6 +84,8 @@ def measure_on_fleet(graphs: Mapping[Hashable, Graph], backend: str, rounds: int
             r, feed = RemoteTvmRunner(libs[k], list(g.inputs), list(g.outputs)), _random_feed(g)
             runs[k] = (lambda r=r, feed=feed: r.run(feed))
         got = interleaved(runs, rounds, number, settle=0.02)
+        runs.clear()
+        gc.collect()  # the runners' session may sit in a reference cycle: free the board for the next chunk
         return {k: float(np.median(v)) for k, v in got.items()}
 
     out: dict = {}

@@ -82,17 +82,34 @@ def splice(graph: Graph, node: Node, steps: Sequence[Step], provenance: Mapping[
     return new_nodes
 
 
+def _batch_free(graph: Graph) -> bool:
+    """Whether feeds may be stacked along axis 0 and run as one batch: no node fixes the batch size
+    (a reshape's static target shape) or computes across axis 0 (flatten, concat, softmax, transpose,
+    slice, mean or layer norm over it)."""
+    for n in graph.nodes:
+        rank = max(len(graph.types[n.inputs[0]].shape), 1) if n.inputs else 1
+        a = n.attrs
+        if n.op == "reshape" \
+                or (n.op in ("flatten", "concat", "softmax") and a["axis"] % rank == 0) \
+                or (n.op == "transpose" and tuple(a["perm"])[0] != 0) \
+                or (n.op in ("slice", "reduce_mean", "layer_norm") and any(ax % rank == 0 for ax in a["axes"])):
+            return False
+    return True
+
+
 def capture(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], values: Sequence[str],
             batch: int = 64) -> dict[str, np.ndarray]:
     """The values named ``values`` computed by the reference interpreter on every feed,
     concatenated along axis 0 (feeds are shaped like the graph inputs; up to ``batch`` feeds are
-    run as one batch along axis 0)."""
+    run as one batch along axis 0 when the graph allows it, see :func:`_batch_free`)."""
     import torch
 
     from qcompile.backends.torch_backend import to_torch
 
     g = graph.clone()
     g.outputs = list(values)
+    if not _batch_free(g):
+        batch = 1
     module = to_torch(g, trainable=False).eval()
     got: dict[str, list[np.ndarray]] = {v: [] for v in values}
     batches = [{i: np.concatenate([np.asarray(f[i]) for f in feeds[k:k + batch]]) for i in g.inputs}
