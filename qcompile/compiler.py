@@ -11,9 +11,10 @@ Steps (each failure names its cause; ``OUT`` is only created at the end):
    artifact must match within the fp32 tolerance, otherwise ``NumericsError``;
    lossy pipelines record their error (and are bounded by ``max_rel_error``) and the artifact
    must match the *compressed* IR (reference interpreter) within the fp32 tolerance;
-5. write ``manifest.json`` (inputs/outputs, pipeline, target, per-layer
-   provenance, verification, sha256 of every file, tool versions) and rename
-   the directory into place.
+5. write the report (``report.md`` + ``report/macs.png``, :mod:`qcompile.report`) and
+   ``manifest.json`` (inputs/outputs, pipeline, target, per-layer provenance,
+   verification, sha256 of every file, tool versions) and rename the directory
+   into place (``qcompile verify`` re-checks the hashes and, with :func:`check_numerics`, step 4).
 
 If a step after loading fails with an internal error, a reproducer (pipeline text +
 input model as ONNX + traceback + replay script) is written to ``repro_dir``.
@@ -36,6 +37,7 @@ from qcompile.frontends import LoadedModel, load_model
 from qcompile.ir.costs import graph_costs, totals
 from qcompile.passes import PassContext, PassManager, parse_pipeline
 from qcompile.passes.manager import max_rel_error, run_feeds, run_reference, within_fp32_tolerance
+from qcompile.report import build_report
 from qcompile.targets import get_target
 
 FP32_RTOL = 1e-4
@@ -154,35 +156,9 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
         runner = backend.load(tmp, {"files": files, "inputs": _io(graph, graph.inputs),
                                     "outputs": _io(graph, graph.outputs)})
         outputs = run_feeds(lambda feed: runner.run(feed), loaded.calibration)
-        files = list(files)
-        for rel_path, data in (extra_files or {}).items():
-            (tmp / rel_path).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel_path).write_bytes(data)
-            files.append(rel_path)
-        rel = max_rel_error(outputs, reference)
-        abs_err = max(float(np.max(np.abs(o.astype(np.float64) - r))) for o, r in zip(outputs, reference))
-        within = within_fp32_tolerance(outputs, reference, FP32_RTOL, FP32_ATOL_REL)
-        if exact and not within:
-            raise NumericsError(
-                f"artifact for target '{tgt.name}' differs from the original model beyond fp32 tolerance: "
-                f"max abs error {abs_err:.3g}, max relative error {rel:.3g} (rtol={FP32_RTOL}, "
-                f"atol={FP32_ATOL_REL}*max|ref|) on {len(loaded.calibration)} calibration feeds")
-        backend_rel = rel
-        if not exact:
-            # a lossy pipeline changes the function on purpose; the artifact must still compute exactly
-            # what the compressed IR computes (fp32), or the backend is wrong
-            compressed = run_reference(graph, loaded.calibration)
-            backend_rel = max_rel_error(outputs, compressed)
-            rtol, atol_rel = (0.0, INT8_ATOL_REL) if quantized else (FP32_RTOL, FP32_ATOL_REL)
-            if not within_fp32_tolerance(outputs, compressed, rtol, atol_rel):
-                raise NumericsError(
-                    f"artifact for target '{tgt.name}' differs from the compressed IR (reference interpreter) "
-                    f"beyond {'the int8' if quantized else 'fp32'} tolerance: max relative error "
-                    f"{backend_rel:.3g} (rtol={rtol}, atol={atol_rel:.3g}*max|ref|) on "
-                    f"{len(loaded.calibration)} calibration feeds"
-                    + (REDUCE_RANGE_HINT if quantized and backend.name == "onnxruntime" else ""))
-        if opts.max_rel_error is not None and rel > opts.max_rel_error:
-            raise NumericsError(f"artifact error {rel:.3g} exceeds --max-rel-error {opts.max_rel_error}")
+        files = list(files) + _write_files(tmp, extra_files or {})
+        checked = check_numerics(outputs, reference, graph, loaded.calibration, exact=exact, quantized=quantized,
+                                 target=tgt.name, backend=backend.name, max_rel=opts.max_rel_error)
         manifest = {
             "format": "qcompile-artifact/1",
             "source": {"spec": loaded.spec, **graph_in.meta.get("source", {}),
@@ -197,22 +173,72 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
                                                  else "torch module") + ")",
                 "calibration": loaded.calibration_source,
                 "feeds": len(loaded.calibration),
-                "max_abs_error": abs_err,
-                "max_rel_error": rel,
-                "exact_pipeline": exact,
-                "tolerance": {"rtol": FP32_RTOL, "atol_rel": FP32_ATOL_REL} if exact else
-                {"max_rel_error": opts.max_rel_error},
-                "within_fp32_tolerance": within,
-                "backend_vs_compressed_ir_rel_error": backend_rel,
-                "backend_vs_compressed_ir_tolerance": {"atol_rel": INT8_ATOL_REL} if quantized else
-                {"rtol": FP32_RTOL, "atol_rel": FP32_ATOL_REL},
+                **checked,
             },
             "passes": [{k: v for k, v in r.as_dict().items() if k != "seconds"} for r in pm.records],
             "costs": {"before": totals(graph_costs(graph_in)), "after": totals(graph_costs(graph))},
             "layers": _layers(graph),
             "versions": {**tool_versions(), **backend.versions()},
-            "files": file_table(tmp, files),
             **dict(extra_manifest or {}),
         }
+        files += _write_files(tmp, build_report(manifest, graph_in, graph))  # report.md + plot, hashed too
+        manifest["files"] = file_table(tmp, files)
         write_json(tmp / MANIFEST, manifest)
     return CompileResult(out, manifest, pm.records)
+
+
+def _write_files(directory: Path, contents: Mapping[str, bytes]) -> list[str]:
+    """Write ``{relative path: bytes}`` under ``directory``; returns the relative paths."""
+    for rel_path, data in contents.items():
+        (directory / rel_path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel_path).write_bytes(data)
+    return list(contents)
+
+
+def check_numerics(outputs: list[np.ndarray], reference: list[np.ndarray], graph, feeds: list, *, exact: bool,
+                   quantized: bool, target: str, backend: str, max_rel: float | None = None,
+                   fp32: tuple[float, float] = (FP32_RTOL, FP32_ATOL_REL),
+                   int8_atol_rel: float = INT8_ATOL_REL) -> dict[str, Any]:
+    """Step 4: judge an artifact's ``outputs`` on ``feeds`` against the original model's ``reference``
+    outputs and, for a lossy pipeline, against the compressed IR ``graph`` run by the reference interpreter.
+
+    Raises ``NumericsError`` when an exact pipeline misses the fp32 tolerance ``fp32`` = (rtol, atol_rel),
+    when a lossy one's artifact misses the compressed IR by more than ``fp32`` (int8 graphs:
+    ``int8_atol_rel`` * max|ref|), or when the error vs the original exceeds ``max_rel``.  Returns the
+    manifest's verification entries: errors and the tolerances they were held to (``compile`` and
+    ``qcompile verify`` both call this)."""
+    rtol32, atol32 = fp32
+    rel = max_rel_error(outputs, reference)
+    abs_err = max(float(np.max(np.abs(o.astype(np.float64) - r))) for o, r in zip(outputs, reference))
+    within = within_fp32_tolerance(outputs, reference, rtol32, atol32)
+    if exact and not within:
+        raise NumericsError(
+            f"artifact for target '{target}' differs from the original model beyond fp32 tolerance: "
+            f"max abs error {abs_err:.3g}, max relative error {rel:.3g} (rtol={rtol32}, "
+            f"atol={atol32}*max|ref|) on {len(feeds)} calibration feeds")
+    backend_rel = rel
+    if not exact:
+        # a lossy pipeline changes the function on purpose; the artifact must still compute exactly
+        # what the compressed IR computes (fp32), or the backend is wrong
+        compressed = run_reference(graph, feeds)
+        backend_rel = max_rel_error(outputs, compressed)
+        rtol, atol_rel = (0.0, int8_atol_rel) if quantized else (rtol32, atol32)
+        if not within_fp32_tolerance(outputs, compressed, rtol, atol_rel):
+            raise NumericsError(
+                f"artifact for target '{target}' differs from the compressed IR (reference interpreter) "
+                f"beyond {'the int8' if quantized else 'fp32'} tolerance: max relative error "
+                f"{backend_rel:.3g} (rtol={rtol}, atol={atol_rel:.3g}*max|ref|) on "
+                f"{len(feeds)} calibration feeds"
+                + (REDUCE_RANGE_HINT if quantized and backend == "onnxruntime" else ""))
+    if max_rel is not None and rel > max_rel:
+        raise NumericsError(f"artifact error {rel:.3g} exceeds --max-rel-error {max_rel}")
+    return {
+        "max_abs_error": abs_err,
+        "max_rel_error": rel,
+        "exact_pipeline": exact,
+        "tolerance": {"rtol": rtol32, "atol_rel": atol32} if exact else {"max_rel_error": max_rel},
+        "within_fp32_tolerance": within,
+        "backend_vs_compressed_ir_rel_error": backend_rel,
+        "backend_vs_compressed_ir_tolerance": {"atol_rel": int8_atol_rel} if quantized else
+        {"rtol": rtol32, "atol_rel": atol32},
+    }
