@@ -147,7 +147,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                               pop_size=args.pop, generations=args.generations, seed=args.seed,
                               use_predictor=not args.no_predictor, finalists=args.finalists,
                               check_points=args.check_points, rounds=args.rounds,
-                              finetune_epochs=args.finetune_epochs, finetune_points=args.finetune_points)
+                              finetune_epochs=args.finetune_epochs, finetune_points=args.finetune_points,
+                              threads=args.threads)
     if args.finetune_epochs < 0 or args.finetune_points < 0:
         raise InputError("--finetune-epochs and --finetune-points must be >= 0")
     doc = search_and_compile(args.model, args.target, args.out, settings,
@@ -370,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune-points", type=int, default=4,
                    help="how many missing points are fine-tuned, spread over the predicted latency, the fastest "
                         "always (default 4)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="runtime threads of every latency measurement (default: every usable core); use 1 on a "
+                        "shared machine: a parallel kernel waits for all its threads, and one descheduled thread "
+                        "stalls it a whole scheduler slice")
     s.add_argument("--no-predictor", action="store_true", help="measure every (layer, configuration) pair up front")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--calib", help=".npy (N, ...) or .npz keyed by input name: real calibration samples")

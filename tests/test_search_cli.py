@@ -16,7 +16,8 @@ from qcompile.search import LayerConfig, SearchSpace
 from qcompile.search.driver import parse_budget
 
 DIGITS = "qcompile.models.digits:digits_cnn"
-SMALL = ["--pop", "8", "--generations", "2", "--ranks-per-layer", "1", "--finalists", "2", "--rounds", "2", "-q"]
+SMALL = ["--pop", "8", "--generations", "2", "--ranks-per-layer", "1", "--finalists", "2", "--rounds", "2", "-q",
+         "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,8 @@ def test_search_cli_compiles_a_checked_point_and_writes_the_front(tmp_path, monk
         assert not any(all(x <= y for x, y in zip(b, a)) and b != a for b in objs)
     # cached measurements: the latency cache was written and a second search times nothing new
     assert doc["measurements"] > 0 and (tmp_path / "cache" / "latency" / "onnxruntime.json").exists()
+    entries = json.loads((tmp_path / "cache" / "latency" / "onnxruntime.json").read_text())["entries"]
+    assert doc["settings"]["threads"] == 1 and all(e["target"].endswith("threads=1") for e in entries.values())
     rc = main(["search", DIGITS, "-t", "onnxruntime", "-o", str(tmp_path / "again"), "--budget", "memory=0.5x",
                *SMALL])
     assert rc == 0

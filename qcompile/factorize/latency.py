@@ -42,9 +42,10 @@ def _random_feed(graph: Graph) -> dict[str, np.ndarray]:
     return {x: np.random.default_rng(0).standard_normal(graph.types[x].shape).astype(np.float32)}
 
 
-def measure(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, number: int = 10) -> dict:
-    """key -> median seconds of each graph on ``backend``, all timed interleaved (on a remote target
-    with a fleet of boards: :func:`measure_on_fleet`)."""
+def measure(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, number: int = 10,
+            threads: int | None = None) -> dict:
+    """key -> median seconds of each graph on ``backend`` at ``threads`` runtime threads (default: every
+    usable core), all timed interleaved (on a remote target with a fleet of boards: :func:`measure_on_fleet`)."""
     from qcompile.bench import interleaved
 
     if backend.startswith("tvm-"):
@@ -52,7 +53,7 @@ def measure(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, num
 
         if TvmBackend(backend[4:]).cpu.remote:
             return measure_on_fleet(graphs, backend, rounds, number)
-    runs = {k: runner_for(g, backend) for k, g in graphs.items()}
+    runs = {k: runner_for(g, backend, threads) for k, g in graphs.items()}
     # layers take micro- to milliseconds: a short settle pause keeps probing a whole model quick
     return {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number, settle=0.02).items()}
 

@@ -40,6 +40,7 @@ class SearchSettings:
     rounds: int = 5
     finetune_epochs: int = 0  # > 0: fine-tune checked points that miss the accuracy drop (finalists.recover)
     finetune_points: int = 4
+    threads: int | None = None  # runtime threads of every timing (None: every usable core)
     space_options: dict = field(default_factory=dict)
 
 
@@ -108,7 +109,7 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
     say(f"search space: {len(space.layers)} layers, {space.size} (layer, configuration) pairs; target {target}")
     result = search(graph, loaded.calibration, backend=target, budget=settings.budget, pop_size=settings.pop_size,
                     generations=settings.generations, seed=settings.seed, use_predictor=settings.use_predictor,
-                    cache=LatencyCache(target), space=space)
+                    cache=LatencyCache(target, threads=settings.threads), space=space)
     say(f"search: {result.evaluations} evaluations, {result.pairs_measured}/{result.space_size} pairs measured "
         f"({result.measurements} timed, rest cached), {result.wall_s:.1f} s — {result.message}")
     if not result.feasible:
@@ -123,7 +124,7 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
                                              max_acc_drop=settings.max_acc_drop, count=settings.finalists,
                                              max_points=settings.check_points, rounds=settings.rounds,
                                              finetune=tune, finetune_points=settings.finetune_points,
-                                             progress=say)
+                                             threads=settings.threads, progress=say)
     chosen = F.choose(finalists, settings.budget, settings.max_acc_drop)
     doc = F.report(result, finalists, chosen, base_acc, timing, front_acc)
     doc["settings"] = {"model": spec, "target": target, "data": data.name, "max_acc_drop": settings.max_acc_drop,
@@ -131,7 +132,8 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
                        "prune_ratios": list(settings.prune_ratios), "pop_size": settings.pop_size,
                        "generations": settings.generations, "seed": settings.seed,
                        "use_predictor": settings.use_predictor, "finetune_epochs": settings.finetune_epochs,
-                       "finetune_points": settings.finetune_points}
+                       "finetune_points": settings.finetune_points,
+                       "threads": settings.threads}
     if data.test is not None:
         from qcompile.finetune import accuracy
 

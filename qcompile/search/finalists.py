@@ -13,8 +13,8 @@ The search ranks configurations by a proxy error and the sum of per-layer latenc
   model, the original on the target and the original on onnxruntime fp32 are timed end to end,
   interleaved round-robin (:func:`qcompile.bench.interleaved`), medians;
 * with ``finetune`` options, up to ``finetune_points`` of the checked points that miss the accuracy
-  drop (spread over the predicted latency, the fastest always) are fine-tuned (``finetune`` pass: distillation from the original,
-  quantization-aware for quantized points) and checked again; their replay pipeline ends with
+  drop (spread over the predicted latency, the fastest always) are fine-tuned (``finetune`` pass:
+  distillation from the original, quantization-aware for quantized points) and checked again; their replay pipeline ends with
   ``finetune{...}``.  Pruned points typically need this: the proxy ranks them by the error *before*
   recovery training, so they sit on the front as the fast, inaccurate end;
 * the chosen point is the fastest finalist whose measured latency ratio (vs the original on the
@@ -87,7 +87,7 @@ def pick(front: Sequence[Point], count: int) -> list[Point]:
 def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, target: str,
              images: np.ndarray, labels: np.ndarray, *, max_acc_drop: float, count: int = 4, max_points: int = 16,
              rounds: int = 5, number: int = 10, finetune=None, finetune_points: int = 4,
-             progress=None) -> tuple[list[Finalist], float, dict, list[float | None]]:
+             threads: int | None = None, progress=None) -> tuple[list[Finalist], float, dict, list[float | None]]:
     """(finalists, original accuracy, timing of the originals, accuracy of each front point).
 
     Accuracy (batched reference interpreter) is measured for up to ``max_points`` front points spread over
@@ -128,8 +128,9 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
     if progress:
         progress(f"timing {len(chosen)} finalist(s) and the original end to end on {target}, interleaved")
     out, timing = time_finalists(
-        chosen, [runner_for(built[id(p)][1], target, feed=feed) for p in chosen],
-        runner_for(loaded.graph, target, feed=feed), runner_for(loaded.graph, "onnxruntime", feed=feed),
+        chosen, [runner_for(built[id(p)][1], target, threads, feed=feed) for p in chosen],
+        runner_for(loaded.graph, target, threads, feed=feed),
+        runner_for(loaded.graph, "onnxruntime", threads, feed=feed),
         [built[id(p)][0] for p in chosen], [built[id(p)][2] for p in chosen], base_acc, result.budget,
         rounds=rounds, number=number)
     for f, p in zip(out, chosen):

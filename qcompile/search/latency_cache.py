@@ -102,10 +102,11 @@ def default_path(backend: str) -> Path:
     return cache_dir() / "latency" / f"{backend}.json"
 
 
-def _measure_interleaved(graphs: Mapping[Hashable, Graph], backend: str) -> Mapping[Hashable, float]:
+def _measure_interleaved(graphs: Mapping[Hashable, Graph], backend: str,
+                         threads: int | None = None) -> Mapping[Hashable, float]:
     from qcompile.factorize.latency import measure
 
-    return measure(graphs, backend)
+    return measure(graphs, backend, threads=threads)
 
 
 class LatencyCache:
@@ -114,14 +115,16 @@ class LatencyCache:
     ``hits`` / ``misses`` count requested graphs found in the cache / workloads actually measured
     (over this object's life); ``measure_fn`` (default: interleaved timing on ``backend``,
     :func:`qcompile.factorize.latency.measure`) can be replaced, e.g. by a remote board fleet.
+    ``threads``: runtime threads of the default measurement (part of every entry's target; default every
+    usable core).
     """
 
     def __init__(self, backend: str = "onnxruntime", path: str | Path | None = None, *,
-                 target: str | None = None, measure_fn: MeasureFn | None = None):
+                 target: str | None = None, measure_fn: MeasureFn | None = None, threads: int | None = None):
         self.backend = backend
         self.path = Path(path) if path else default_path(backend)
-        self.target = target if target is not None else default_target(backend)
-        self.measure_fn = measure_fn or _measure_interleaved
+        self.target = target if target is not None else default_target(backend, threads)
+        self.measure_fn = measure_fn or (lambda graphs, b: _measure_interleaved(graphs, b, threads))
         self.hits = 0
         self.misses = 0
         self.entries: dict[str, dict] = {}
