@@ -70,6 +70,34 @@ def test_ir_graph_with_batchnorm_residual(x86):
     assert within_fp32_tolerance(got, run_reference(g, f), RTOL, ATOL_REL)
 
 
+class Projection(nn.Module):
+    """A sequence model's head: (1, T, C) @ (C, N) with more than 8 rows and an odd class count, and a
+    linear whose output count 8 does not divide (both padded to full vectors, sliced back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(24, 101) * 0.2)
+        self.fc = nn.Linear(101, 67)
+
+    def forward(self, x):
+        return self.fc(torch.relu(x @ self.proj))
+
+
+def test_sequence_projection_is_scheduled_and_matches_reference(x86):
+    from qcompile.backends.tvm.lowering import lower_to_tir, x86_target
+
+    torch.manual_seed(0)
+    g = load_torch(Projection().eval(), (torch.randn(1, 40, 24),))
+    assert [n.op for n in g.nodes if n.op in ("matmul", "linear")] == ["matmul", "linear"]
+    f = feeds(g, 2)
+    runner = x86.runner(g)
+    got = [np.stack([runner.run(feed)[0] for feed in f])]
+    assert within_fp32_tolerance(got, run_reference(g, f), RTOL, ATOL_REL)
+    mod = lower_to_tir(g, x86_target("znver3"))
+    dense = [str(fn) for gv, fn in mod.functions.items() if "matmul" in gv.name_hint]
+    assert dense and all("T.parallel" in t and "T.vectorized" in t for t in dense)  # register-tiled, not naive
+
+
 def test_x86_kernels_use_avx512():
     """The conv schedule must turn into 512-bit FMAs on an AVX-512 CPU (the point of the schedule).
     Compiled for one (not run), so the check does not depend on this machine's CPU."""
@@ -87,7 +115,7 @@ def test_cli_compile_and_run_tvm_x86(tmp_path, capsys):
     assert main(["compile", "qcompile.models.digits:digits_cnn", "-p", "fold-bn,dead-code", "-t", "tvm-x86",
                  "-o", str(out)]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert list(m["files"]) == ["model.so"] and m["verification"]["within_fp32_tolerance"]
+    assert sorted(m["files"]) == ["model.so", "report.md", "report/macs.png"] and m["verification"]["within_fp32_tolerance"]
     assert "tvm" in m["versions"]
     from qcompile.data.digits import load_digits_split
 

@@ -190,8 +190,46 @@ def _slice(b: _Builder, n: Node, v: list) -> relax.Expr:
     return x
 
 
+PAD_COLUMNS = 16
+"""Dense layers whose constant weights have an output count ``N`` that 8 does not divide (a text
+recognizer's 6625 classes) get zero columns up to a multiple of this (every target's fp32 vector width
+divides it), and the result is sliced back: the dense schedule then runs full vectors with
+compile-time-packed weights instead of a bound-checked scalar tail (measured 40 x 120 @ 120 x 6625:
+26.9 -> 1.9 ms of CPU on one AVX2 core)."""
+
+
+def _pad_columns(w: np.ndarray | None, axis: int) -> np.ndarray | None:
+    """``w`` with zero slices appended along ``axis`` up to a multiple of PAD_COLUMNS, or None when
+    not needed (not a 2-D constant, or 8 already divides the axis, or fewer than 64 columns)."""
+    if w is None or w.ndim != 2 or w.shape[axis] % 8 == 0 or w.shape[axis] < 64:
+        return None
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (0, -w.shape[axis] % PAD_COLUMNS)
+    return np.pad(w, pad)
+
+
+def _slice_last(b: _Builder, n: Node, y: relax.Expr, count: int) -> relax.Expr:
+    rank = b.g.types[n.outputs[0]].rank
+    return relax.op.strided_slice(b.bb.emit(y), axes=[rank - 1], begin=[0], end=[count], assume_inbound=True)
+
+
 def _linear(b: _Builder, n: Node, v: list) -> relax.Expr:
+    w = b.g.constants.get(n.inputs[1])
+    padded = _pad_columns(w, 0)  # (out, in): pad the outputs
+    if padded is not None and (len(n.inputs) < 3 or n.inputs[2] in b.g.constants):
+        bias = None
+        if len(n.inputs) > 2:
+            bias = b.const(np.pad(b.g.constants[n.inputs[2]], (0, padded.shape[0] - w.shape[0])))
+        return _slice_last(b, n, relax.op.linear(v[0], b.const(padded), bias), w.shape[0])
     return relax.op.linear(v[0], v[1], v[2] if len(v) > 2 else None)
+
+
+def _matmul(b: _Builder, n: Node, v: list) -> relax.Expr:
+    w = b.g.constants.get(n.inputs[1])
+    padded = _pad_columns(w, 1)  # (K, N): pad the columns
+    if padded is not None:
+        return _slice_last(b, n, relax.op.matmul(v[0], b.const(padded)), w.shape[1])
+    return relax.op.matmul(v[0], v[1])
 
 
 def _batch_norm(b: _Builder, n: Node, v: list) -> relax.Expr:
@@ -287,7 +325,7 @@ _BINARY = {"add": relax.op.add, "sub": relax.op.subtract, "mul": relax.op.multip
 
 EMITTERS: dict[str, Emit] = {
     "conv2d": _conv2d, "conv_transpose2d": _conv_transpose2d, "resize": _resize, "slice": _slice,
-    "linear": _linear, "matmul": lambda b, n, v: relax.op.matmul(v[0], v[1]),
+    "linear": _linear, "matmul": _matmul,
     "batch_norm": _batch_norm, "layer_norm": _layer_norm,
     "clip": _clip, "hardsigmoid": _hardsigmoid, "hardswish": _hardswish,
     "leaky_relu": lambda b, n, v: relax.op.nn.leakyrelu(v[0], float(n.attrs["alpha"])),

@@ -53,13 +53,25 @@ def rpc_session():
                       "with QCOMPILE_RPC_KEY")
 
 
+def _device_address() -> tuple:
+    """Which device the environment names now (a session is only shared for the same one)."""
+    return (os.environ.get("QCOMPILE_RPC"), os.environ.get("QCOMPILE_RPC_TRACKER"),
+            os.environ.get("QCOMPILE_RPC_KEY"))
+
+
 def shared_session():
-    """This thread's open session (shared by the runners that hold it), or a new one."""
-    ref = getattr(_local, "session", None)
+    """This thread's open session to the device the environment names (shared by the runners that
+    hold it), or a new one.  Keyed by the address: pointing QCOMPILE_RPC at another board (say a
+    Cortex-A76 after a Cortex-A72) must not reuse the first board's session."""
+    sessions = getattr(_local, "sessions", None)
+    if sessions is None:
+        sessions = _local.sessions = {}
+    where = _device_address()
+    ref = sessions.get(where)
     session = ref() if ref is not None else None
     if session is None:
         session = rpc_session()
-        _local.session = weakref.ref(session)
+        sessions[where] = weakref.ref(session)
     return session
 
 

@@ -319,12 +319,18 @@ def _schedule_window_reduction(sch: s_tir.Schedule, block, kinds: list, lanes: i
 
 
 class DenseRowMajor(dl.ScheduleRule):
-    """``y[i, j] = sum_k x[i, k] * w[k, j]`` for small ``i`` (dense layers at batch 1..8).
+    """``y[..., i, j] = sum_k x[..., i, k] * w[k, j]``: dense layers and matmuls (any leading batch
+    dims, fused with ``i`` into one row loop of ``M`` rows).
 
-    ``linear`` weights are folded to (in, out) by FoldConstant and repacked at compile time to
-    ``[N/T][K][T]`` so each tile of ``T`` = nvec vectors over j, accumulated in registers, streams
-    its weights once and contiguously (the layer is memory-bound); tiles of j go to threads; the
-    bias epilogue is fused into the write-back.
+    Constant ``w`` (``linear`` weights folded to (in, out), a ``matmul`` by a constant) is repacked at
+    compile time to ``[N/T][K][T]`` so each tile of ``T = nvec * vec`` columns, accumulated in
+    registers, streams its weights once and contiguously.  ``M <= 8`` (batch-1 dense layers,
+    bandwidth-bound): one row per tile, up to 8 vectors of columns.  Larger ``M`` (a sequence model's
+    projections, 40 x 120 @ 120 x 6625 in a text recognizer): ``rows`` (4, 3 or 2) rows x up to 3
+    vectors per tile (12 accumulators, within AVX2's 16 registers), so each loaded weight vector
+    feeds ``rows`` FMAs.  When no vector width divides ``N`` the columns are split with a bound check
+    (the last tile is partial).  Row-blocks x column tiles go to threads; the bias epilogue is fused
+    into the write-back.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
@@ -336,30 +342,43 @@ class DenseRowMajor(dl.ScheduleRule):
             return None
         mm = mms[0]
         loops = sch.get_loops(mm)
-        iters = sch.get(mm).iter_vars
-        if len(loops) != 3 or [iv.iter_type for iv in iters] != [tirx.IterVar.DataPar, tirx.IterVar.DataPar,
-                                                                  tirx.IterVar.CommReduce]:
+        kinds = [iv.iter_type for iv in sch.get(mm).iter_vars]
+        if len(loops) < 3 or len(kinds) != len(loops) or kinds[-1] != tirx.IterVar.CommReduce \
+                or any(k_ != tirx.IterVar.DataPar for k_ in kinds[:-1]):
             return None
-        i, j, k = loops
-        if _int(sch.get(i).extent) > 8:
-            return None
-        N = _int(sch.get(j).extent)
+        *lead, j, k = loops
+        i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        M, N = _int(sch.get(i).extent), _int(sch.get(j).extent)
         lanes = vector_lanes(target)
         vec = _largest_divisor(N, [lanes, lanes // 2, lanes // 4])
-        nvec = _largest_divisor(N // vec, [8, 5, 4, 3, 2, 1])
+        exact = vec > 1
+        if not exact:
+            vec = lanes  # partial last tile (bound check)
+        rows = 1 if M <= 8 else _largest_divisor(M, [4, 3, 2])
+        cols = -(-N // vec)
+        nvec = _largest_divisor(cols, [8, 5, 4, 3, 2, 1] if rows == 1 else [3, 2, 1])
         j_o, j_m, j_v = sch.split(j, [None, nvec, vec])
-        sch.reorder(i, j_o, k, j_m, j_v)
-        # w[k, j] -> w'[j // T, k, j % T]: each thread streams one contiguous run per tile (the layer
-        # is bandwidth-bound: 1 FMA per weight loaded)
+        if rows > 1:
+            i_o, i_r = sch.split(i, [None, rows])
+            sch.reorder(i_o, j_o, k, i_r, j_m, j_v)
+        else:
+            i_o, i_r = i, None
+            sch.reorder(i_o, j_o, k, j_m, j_v)
+        # w[k, j] -> w'[j // T, k, j % T]: each thread streams one contiguous run per tile
         tile = nvec * vec
-        _pack_weights(sch, mm, lambda k_, j_: (j_ // tile, k_, j_ % tile))
+        if exact:
+            _pack_weights(sch, mm, lambda k_, j_: (j_ // tile, k_, j_ % tile))
         local = _accumulate_tile(sch, mm, j_o)
-        sch.parallel(sch.fuse(i, j_o))
+        sch.parallel(sch.fuse(i_o, j_o))
+        if i_r is not None:
+            sch.unroll(i_r)
         sch.unroll(j_m)
-        sch.vectorize(j_v)
-        _vectorize_last(sch, local, vec)
+        if exact:
+            sch.vectorize(j_v)
+            _vectorize_last(sch, local, vec)
         init = sch.decompose_reduction(mm, k)
-        _vectorize_last(sch, init, vec)
+        if exact:
+            _vectorize_last(sch, init, vec)
         return sch
 
 
