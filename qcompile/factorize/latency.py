@@ -16,24 +16,28 @@ import numpy as np
 from qcompile.ir.graph import Graph
 
 
-def runner_for(graph: Graph, backend: str, threads: int | None = None,
-               feed: Mapping[str, np.ndarray] | None = None) -> Callable[[], object]:
-    """A no-argument callable running ``graph`` once on ``backend`` (onnxruntime or tvm-*) with
-    ``feed``, by default a fixed random input."""
+def compiled_runner(graph: Graph, backend: str, threads: int | None = None):
+    """``graph`` compiled for ``backend`` (onnxruntime or tvm-*) at ``threads`` runtime threads (default:
+    every usable core): a :class:`~qcompile.backends.base.Runner` (``run(feed) -> outputs``)."""
     threads = threads or len(os.sched_getaffinity(0))
-    if feed is None:
-        feed = _random_feed(graph)
     if backend == "onnxruntime":
         from qcompile.backends.onnxruntime_backend import OrtRunner
         from qcompile.frontends.onnx_export import to_onnx
 
-        r = OrtRunner(to_onnx(graph).SerializeToString(), threads)
-    elif backend.startswith("tvm-"):
+        return OrtRunner(to_onnx(graph).SerializeToString(), threads)
+    if backend.startswith("tvm-"):
         from qcompile.backends.tvm.backend import TvmBackend
 
-        r = TvmBackend(backend[4:], threads=threads).runner(graph)
-    else:
-        raise ValueError(f"latency measurement supports onnxruntime and tvm-* backends, not '{backend}'")
+        return TvmBackend(backend[4:], threads=threads).runner(graph)
+    raise ValueError(f"latency measurement supports onnxruntime and tvm-* backends, not '{backend}'")
+
+
+def runner_for(graph: Graph, backend: str, threads: int | None = None,
+               feed: Mapping[str, np.ndarray] | None = None) -> Callable[[], object]:
+    """A no-argument callable running ``graph`` once on ``backend`` (onnxruntime or tvm-*) with
+    ``feed``, by default a fixed random input."""
+    r = compiled_runner(graph, backend, threads)
+    feed = _random_feed(graph) if feed is None else feed
     return lambda: r.run(feed)
 
 

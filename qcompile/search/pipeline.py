@@ -64,20 +64,9 @@ def reference_fn(graph: Graph) -> ModelFn:
 def target_fn(graph: Graph, backend: str, threads: int | None = None) -> ModelFn:
     """``feed batch -> outputs`` of ``graph`` compiled for ``backend`` (onnxruntime or tvm-*), at the graph's
     static shapes, with ``threads`` runtime threads (default: every core this process may use)."""
-    import os
+    from qcompile.factorize.latency import compiled_runner
 
-    threads = threads or len(os.sched_getaffinity(0))
-    if backend == "onnxruntime":
-        from qcompile.backends.onnxruntime_backend import OrtRunner
-        from qcompile.frontends.onnx_export import to_onnx
-
-        runner = OrtRunner(to_onnx(graph).SerializeToString(), threads)
-    elif backend.startswith("tvm-"):
-        from qcompile.backends.tvm.backend import TvmBackend
-
-        runner = TvmBackend(backend[4:], threads=threads).runner(graph)
-    else:
-        raise ValueError(f"pipelines run on onnxruntime or tvm-* backends, not '{backend}'")
+    runner = compiled_runner(graph, backend, threads)
 
     def run(feed: Mapping[str, np.ndarray]) -> list:
         return runner.run({n: np.ascontiguousarray(feed[n], dtype=np.float32) for n in graph.inputs})
