@@ -132,9 +132,11 @@ measured does not share its cores with the previous one's spinning workers."""
 
 
 def interleaved(runs: Mapping[Any, RunFn], rounds: int, number: int, warmup: int = 2,
-                progress: Callable[[], None] | None = None, settle: float = SETTLE_S) -> dict[Any, list[float]]:
+                progress: Callable[[], None] | None = None, settle: float = SETTLE_S,
+                clock: Callable[[], float] = time.perf_counter) -> dict[Any, list[float]]:
     """Round-robin timing (the starting point rotates every round); returns key -> per-round median
-    seconds."""
+    seconds of ``clock`` (wall time by default; ``time.thread_time`` for runtimes that compute in the
+    calling thread, see :func:`qcompile.factorize.latency.timing_clock`)."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -146,9 +148,9 @@ def interleaved(runs: Mapping[Any, RunFn], rounds: int, number: int, warmup: int
         for n in order:
             ts = []
             for _ in range(number):
-                t = time.perf_counter()
+                t = clock()
                 runs[n]()
-                ts.append(time.perf_counter() - t)
+                ts.append(clock() - t)
             per_round[n].append(float(np.median(ts)))
             time.sleep(settle)
             if progress:

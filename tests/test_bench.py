@@ -69,3 +69,29 @@ def test_per_layer_latency_table_pairs_each_layer_with_its_factor_chain():
     x = capture(base, lm.calibration[:1], [conv.inputs[0], conv.outputs[0]])
     out = run_reference(sub, [{conv.inputs[0]: x[conv.inputs[0]]}])[0][0]
     assert abs(out - x[conv.outputs[0]]).max() <= 1e-5 * abs(x[conv.outputs[0]]).max()
+
+
+def test_timing_clock_is_cpu_time_only_for_one_local_thread():
+    """One runtime thread computes in the calling thread: its CPU time is the work without the waiting
+    a loaded machine adds.  Several threads, or a remote board, are timed by the wall clock."""
+    import time
+
+    from qcompile.factorize.latency import timing_clock
+
+    assert timing_clock("onnxruntime", 1) is time.thread_time
+    assert timing_clock("tvm-x86", 1) is time.thread_time
+    assert timing_clock("tvm-x86", 2) is time.perf_counter
+    assert timing_clock("onnxruntime", None) is time.perf_counter
+    assert timing_clock("tvm-arm64", 1) is time.perf_counter  # the work runs on the board
+
+
+def test_cpu_clock_ignores_time_spent_waiting():
+    import time
+
+    from qcompile.bench import interleaved
+
+    def sleeper():
+        time.sleep(0.01)  # waiting, not computing
+    wall = interleaved({"s": sleeper}, rounds=2, number=3, warmup=0, settle=0)["s"]
+    cpu = interleaved({"s": sleeper}, rounds=2, number=3, warmup=0, settle=0, clock=time.thread_time)["s"]
+    assert min(wall) >= 0.009 and max(cpu) < 0.005

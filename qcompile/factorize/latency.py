@@ -41,6 +41,24 @@ def runner_for(graph: Graph, backend: str, threads: int | None = None,
     return lambda: r.run(feed)
 
 
+def timing_clock(backend: str, threads: int | None) -> Callable[[], float]:
+    """The clock latency is measured with: with exactly one runtime thread on this machine (onnxruntime
+    or a local tvm-* target) the runtime computes in the calling thread, so that thread's CPU time
+    (``time.thread_time``) is the work itself and excludes waiting for a core — wall-clock medians on a
+    loaded machine disagreed 2x between runs, CPU time did not.  Otherwise (several threads, a remote
+    board) wall time (``time.perf_counter``)."""
+    import time
+
+    if threads != 1:
+        return time.perf_counter
+    if backend.startswith("tvm-"):
+        from qcompile.backends.tvm.lowering import resolve
+
+        if resolve(backend[4:]).remote:
+            return time.perf_counter
+    return time.thread_time
+
+
 def _random_feed(graph: Graph) -> dict[str, np.ndarray]:
     x = graph.inputs[0]
     return {x: np.random.default_rng(0).standard_normal(graph.types[x].shape).astype(np.float32)}
@@ -59,7 +77,8 @@ def measure(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, num
             return measure_on_fleet(graphs, backend, rounds, number)
     runs = {k: runner_for(g, backend, threads) for k, g in graphs.items()}
     # layers take micro- to milliseconds: a short settle pause keeps probing a whole model quick
-    return {k: float(np.median(v)) for k, v in interleaved(runs, rounds, number, settle=0.02).items()}
+    got = interleaved(runs, rounds, number, settle=0.02, clock=timing_clock(backend, threads))
+    return {k: float(np.median(v)) for k, v in got.items()}
 
 
 

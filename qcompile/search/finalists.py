@@ -94,7 +94,7 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
     the predicted latency (None for the others: building a quantized model with bias correction costs
     seconds); end-to-end timing only for ``count`` of the points within ``max_acc_drop`` (and the memory
     budget), again spread, the fastest always included."""
-    from qcompile.factorize.latency import runner_for
+    from qcompile.factorize.latency import runner_for, timing_clock
     from qcompile.finetune import accuracy
     from qcompile.passes import PassContext, PassManager, parse_pipeline
 
@@ -132,7 +132,7 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
         runner_for(loaded.graph, target, threads, feed=feed),
         runner_for(loaded.graph, "onnxruntime", threads, feed=feed),
         [built[id(p)][0] for p in chosen], [built[id(p)][2] for p in chosen], base_acc, result.budget,
-        rounds=rounds, number=number)
+        rounds=rounds, number=number, clock=timing_clock(target, threads))
     for f, p in zip(out, chosen):
         f.graph = built[id(p)][1]
     return out, base_acc, timing, front_acc
@@ -162,16 +162,17 @@ def recover(built: dict, checked: Sequence[Point], loaded: LoadedModel, ctx, ima
 
 def time_finalists(chosen: Sequence[Point], runs: Sequence, original_target, original_onnxruntime,
                    pipelines: Sequence[str], values: Sequence[float], base_value: float, budget: Budget, *,
-                   rounds: int, number: int) -> tuple[list[Finalist], dict]:
+                   rounds: int, number: int, clock=None) -> tuple[list[Finalist], dict]:
     """Time ``runs`` (one no-argument call per finalist on the target) interleaved with the original on
     the target and on onnxruntime fp32 (medians); a finalist misses the budget when its measured latency
     ratio exceeds ``budget.latency``.  ``values``: each finalist's accuracy / metric, ``base_value`` the
-    original's."""
+    original's.  ``clock``: see :func:`qcompile.factorize.latency.timing_clock` (default wall time)."""
     from qcompile.bench import interleaved
 
     timed = {"original@target": original_target, "original@onnxruntime": original_onnxruntime,
              **dict(enumerate(runs))}
-    med = {k: float(np.median(v)) for k, v in interleaved(timed, rounds, number).items()}
+    med = {k: float(np.median(v)) for k, v in interleaved(timed, rounds, number,
+                                                          **({"clock": clock} if clock else {})).items()}
     base_t, ort_t = med["original@target"], med["original@onnxruntime"]
     out = []
     for i, (p, text, value) in enumerate(zip(chosen, pipelines, values)):

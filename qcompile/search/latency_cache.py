@@ -49,7 +49,8 @@ def _cpu_model() -> str:
 
 
 def default_target(backend: str, threads: int | None = None) -> str:
-    """What besides the graph decides a measurement: backend build + CPU + threads."""
+    """What besides the graph decides a measurement: backend build + CPU + threads (+ the clock, when
+    it is the calling thread's CPU time: :func:`qcompile.factorize.latency.timing_clock`)."""
     threads = threads or len(os.sched_getaffinity(0))
     if backend == "onnxruntime":
         import onnxruntime
@@ -61,7 +62,10 @@ def default_target(backend: str, threads: int | None = None) -> str:
         build = str(resolve(backend[4:]).tvm_target())
     else:
         build = backend
-    return f"{build} | {_cpu_model()} | threads={threads}"
+    from qcompile.factorize.latency import timing_clock
+
+    cpu = " | cpu-time" if timing_clock(backend, threads) is time.thread_time else ""
+    return f"{build} | {_cpu_model()} | threads={threads}{cpu}"
 
 
 def workload(graph: Graph) -> list:

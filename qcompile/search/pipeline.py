@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from qcompile.errors import SearchError
+from qcompile.factorize.latency import timing_clock
 from qcompile.ir.graph import Graph
 from qcompile.search.finalists import PREPARE, Finalist, pick, time_finalists
 from qcompile.search.nsga import Point, SearchResult
@@ -291,5 +292,6 @@ def evaluate(space: PipelineSpace, models: PipelineModels, result: SearchResult,
         progress(f"timing {len(chosen)} finalist(s) and the original pipeline end to end, interleaved")
     out, timing = time_finalists(chosen, runs, original_target, original_ort,
                                  [json.dumps(space.pipelines(p), sort_keys=True) for p in chosen], values, base,
-                                 result.budget, rounds=rounds, number=number)
+                                 result.budget, rounds=rounds, number=number,
+                                 clock=timing_clock(target, threads) if threads else None)
     return out, base, timing, front_metric
