@@ -49,14 +49,16 @@ def timing_clock(backend: str, threads: int | None) -> Callable[[], float]:
     board) wall time (``time.perf_counter``)."""
     import time
 
-    if threads != 1:
-        return time.perf_counter
-    if backend.startswith("tvm-"):
-        from qcompile.backends.tvm.lowering import resolve
+    return time.thread_time if threads == 1 and not _remote(backend) else time.perf_counter
 
-        if resolve(backend[4:]).remote:
-            return time.perf_counter
-    return time.thread_time
+
+def _remote(backend: str) -> bool:
+    """Whether ``backend`` runs on a remote board (a tvm-* target reached over RPC)."""
+    if not backend.startswith("tvm-"):
+        return False
+    from qcompile.backends.tvm.lowering import resolve
+
+    return resolve(backend[4:]).remote
 
 
 def _random_feed(graph: Graph) -> dict[str, np.ndarray]:
@@ -70,16 +72,12 @@ def measure(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, num
     usable core), all timed interleaved (on a remote target with a fleet of boards: :func:`measure_on_fleet`)."""
     from qcompile.bench import interleaved
 
-    if backend.startswith("tvm-"):
-        from qcompile.backends.tvm.backend import TvmBackend
-
-        if TvmBackend(backend[4:]).cpu.remote:
-            return measure_on_fleet(graphs, backend, rounds, number)
+    if _remote(backend):
+        return measure_on_fleet(graphs, backend, rounds, number)
     runs = {k: runner_for(g, backend, threads) for k, g in graphs.items()}
     # layers take micro- to milliseconds: a short settle pause keeps probing a whole model quick
     got = interleaved(runs, rounds, number, settle=0.02, clock=timing_clock(backend, threads))
     return {k: float(np.median(v)) for k, v in got.items()}
-
 
 
 def measure_on_fleet(graphs: Mapping[Hashable, Graph], backend: str, rounds: int = 3, number: int = 10,

@@ -40,9 +40,7 @@ def _finite(v: float) -> float | None:
 
 class Finetune(Pass):
     """Fine-tunes the graph it is given (QAT for quantized graphs) on ``data``, distilling from
-    ``teacher`` when one is given, else from ``ctx.original`` (the pipeline's input graph); when the
-    graph *is* the original (nothing compressed before), plain training would only overfit, so the
-    teacher is still the original."""
+    ``teacher`` when one is given, else from ``ctx.original`` (the pipeline's input graph)."""
 
     name = "finetune"
     Options = FinetuneOptions

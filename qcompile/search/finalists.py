@@ -14,8 +14,8 @@ The search ranks configurations by a proxy error and the sum of per-layer latenc
   interleaved round-robin (:func:`qcompile.bench.interleaved`), medians;
 * with ``finetune`` options, up to ``finetune_points`` of the checked points that miss the accuracy
   drop (spread over the predicted latency, the fastest always) are fine-tuned (``finetune`` pass:
-  distillation from the original, quantization-aware for quantized points) and checked again; their replay pipeline ends with
-  ``finetune{...}``.  Pruned points typically need this: the proxy ranks them by the error *before*
+  distillation from the original, quantization-aware for quantized points) and checked again; their
+  replay pipeline ends with ``finetune{...}``.  Pruned points typically need this: the proxy ranks them by the error *before*
   recovery training, so they sit on the front as the fast, inaccurate end;
 * the chosen point is the fastest finalist whose measured latency ratio (vs the original on the
   target) meets the budget.  When no point qualifies, :class:`~qcompile.errors.SearchError` says what
