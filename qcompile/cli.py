@@ -23,11 +23,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="static shape for an input (specialises dynamic dims); repeatable")
 
 
+def _check_writable(out: str) -> None:
+    """InputError naming OUT when its folder cannot be written (a read-only or virtual file system, a
+    file in the way), probed before any work instead of failing at the end: the nearest existing
+    ancestor must take a temporary folder (created and removed at once)."""
+    import tempfile
+
+    ancestor = Path(out).absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot write the output '{out}': '{ancestor}' is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".qcompile-probe-", dir=ancestor)).rmdir()
+    except OSError as e:
+        raise InputError(f"cannot write the output '{out}': nothing can be created in '{ancestor}' "
+                         f"({e.strerror or e})") from None
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from qcompile.compiler import CompileOptions, compile_model
     from qcompile.frontends import parse_input_shapes
     from qcompile.passes.instruments import DumpIR, PrintAfterChange, Timing
 
+    _check_writable(args.out)
     instruments = []
     timing = Timing() if args.timing else None
     if timing:
@@ -39,7 +58,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     opts = CompileOptions(input_shapes=parse_input_shapes(args.input_shape), calibration=args.calib,
                           num_calibration=args.num_calib, verify_each_pass=args.verify_each_pass,
                           max_rel_error=args.max_rel_error, force=args.force, instruments=instruments,
-                          repro_dir=Path(args.repro_dir) if args.repro_dir else None,
+                          repro_dir=Path(args.repro_dir) if args.repro_dir else None, profile=args.profile,
                           backend_options={k: v for k, v in (("tune_trials", args.tune_trials),
                                                              ("mcpu", args.mcpu)) if v})
     result = compile_model(args.model, args.pipeline, args.target, args.out, opts)
@@ -95,6 +114,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from qcompile.finetune import FinetuneOptions, finetune_model
     from qcompile.frontends import parse_input_shapes
 
+    _check_writable(args.out)
     spec, pipeline, target, shapes = _finetune_source(args)
     ft = FinetuneOptions(data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          patience=args.patience, kd_weight=args.kd_weight, temperature=args.temperature,
@@ -132,6 +152,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from qcompile.search.driver import SearchSettings, parse_budget, search_and_compile, stderr_progress
     from qcompile.search.nsga import Budget
 
+    _check_writable(args.out)
     budget = parse_budget(args.budget)
     if args.max_proxy_error is not None:
         budget = Budget(budget.latency, budget.memory, args.max_proxy_error)
@@ -148,9 +169,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
                               use_predictor=not args.no_predictor, finalists=args.finalists,
                               check_points=args.check_points, rounds=args.rounds,
                               finetune_epochs=args.finetune_epochs, finetune_points=args.finetune_points,
-                              threads=args.threads)
-    if args.finetune_epochs < 0 or args.finetune_points < 0:
-        raise InputError("--finetune-epochs and --finetune-points must be >= 0")
+                              prune_finetune_epochs=args.prune_finetune_epochs, threads=args.threads)
+    if args.finetune_epochs < 0 or args.finetune_points < 0 or args.prune_finetune_epochs < 0:
+        raise InputError("--finetune-epochs, --finetune-points and --prune-finetune-epochs must be >= 0")
+    if args.prune_finetune_epochs and len(settings.prune_ratios) == 1:
+        raise InputError("--prune-finetune-epochs fine-tunes pruned models: offer prune ratios below 1 with --prune")
     doc = search_and_compile(args.model, args.target, args.out, settings,
                              input_shapes=parse_input_shapes(args.input_shape), calibration=args.calib,
                              num_calibration=args.num_calib, force=args.force,
@@ -305,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify-each-pass", action="store_true", help="check numerics after every pass")
     c.add_argument("--max-rel-error", type=float, help="fail if the artifact's relative error exceeds this")
     c.add_argument("--timing", action="store_true", help="print per-pass timing")
+    c.add_argument("--profile", action="store_true",
+                   help="time each layer of the compiled artifact on its backend (1 thread, median of 15 runs) and "
+                        "add its latency share to the report; the artifact's bytes then differ from compile to compile")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass to DIR/NNN_<pass>.txt")
     c.add_argument("--print-after-change", action="store_true", help="print the IR after each pass that changed it")
     c.add_argument("--tune-trials", type=int, default=0, metavar="N",
@@ -371,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune-points", type=int, default=4,
                    help="how many missing points are fine-tuned, spread over the predicted latency, the fastest "
                         "always (default 4)")
+    s.add_argument("--prune-finetune-epochs", type=int, default=0,
+                   help="fine-tune every pruned model (distillation from the original) for up to N epochs right "
+                        "after pruning, before the per-layer choices are searched on it (default 0: off)")
     s.add_argument("--threads", type=int, default=None,
                    help="runtime threads of every latency measurement (default: every usable core); use 1 on a "
                         "shared machine: a parallel kernel waits for all its threads, and one descheduled thread "

@@ -11,7 +11,8 @@ Steps (each failure names its cause; ``OUT`` is only created at the end):
    artifact must match within the fp32 tolerance, otherwise ``NumericsError``;
    lossy pipelines record their error (and are bounded by ``max_rel_error``) and the artifact
    must match the *compressed* IR (reference interpreter) within the fp32 tolerance;
-5. write the report (``report.md`` + ``report/macs.png``, :mod:`qcompile.report`) and
+5. with ``profile``, time the artifact's kernels on its backend per layer (:mod:`qcompile.profile`);
+   write the report (``report.md``, ``report.html``, ``report/macs.png``, :mod:`qcompile.report`) and
    ``manifest.json`` (inputs/outputs, pipeline, target, per-layer provenance,
    verification, sha256 of every file, tool versions) and rename the directory
    into place (``qcompile verify`` re-checks the hashes and, with :func:`check_numerics`, step 4).
@@ -26,7 +27,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -44,13 +45,23 @@ FP32_RTOL = 1e-4
 """fp32 tolerance: |y - y_ref| <= FP32_ATOL_REL * max|y_ref| + FP32_RTOL * |y_ref| (exact pipelines)."""
 FP32_ATOL_REL = 1e-5
 INT8_ATOL_REL = 4 / 127
-"""Quantized graphs: the backend's integer sums are exact, but the reference interpreter sums the
-dequantized floats in another order, so where ``x / s`` lies within float rounding of a half step
-the two round an activation one step apart, and in a deep network such a flip can flip a few
-later ones (measured on RapidOCR's 53-conv classifier: the quantized tensors agree bit for bit up
-to layer 38, then differ by one or two steps in <1 % of elements).  The stated bound for the
-artifact vs the quantized IR is four int8 steps of the output range,
-|y - y_ref| <= 4/127 * max|y_ref|."""
+"""Quantized graphs, first bound: |y - y_ref| <= 4/127 * max|y_ref| for the artifact vs the quantized
+IR.  The backend's integer sums are exact, but the reference interpreter sums the dequantized floats
+in another order, so where ``x / s`` lies within float rounding of a half step the two round an
+activation one step apart, and in a deep network such a flip can flip a few later ones (measured on
+RapidOCR's 53-conv classifier: the quantized tensors agree bit for bit up to layer 38, then differ by
+one or two steps in <1 % of elements).  Shallow models meet this bound; see :data:`INT8_RMS_FACTOR`
+for the deep ones."""
+INT8_RMS_FACTOR = 1.25
+"""Quantized graphs, second bound (for outputs that miss the first): per output, the artifact must
+approximate the ORIGINAL model about as well as the quantized IR does,
+``rms(y - y_orig) <= 1.25 * rms(y_ir - y_orig)``.  Rounding flips that compound through depth and
+through steep heads (sigmoid maps, softmax) move a deep model's outputs by several int8 steps, but
+they are one more draw of the same quantization noise, not an error of their own: measured on seven
+real detectors, classifiers and recognizers (onnxruntime and TVM), the artifact's RMS distance to
+the original was 0.70-1.03x the quantized IR's while its max distance to the quantized IR reached
+0.6 of the output range.  A wrong lowering (a lost scale, a shifted zero point; tested) adds error
+of its own and fails this bound."""
 
 
 REDUCE_RANGE_HINT = (
@@ -69,6 +80,9 @@ class CompileOptions:
     instruments: list = field(default_factory=list)
     repro_dir: Path | None = None
     backend_options: dict = field(default_factory=dict)
+    profile: bool = False
+    """Measure each layer's share of the artifact's latency (one thread) into the manifest and report;
+    timings differ from run to run, so a profiled artifact's bytes are not reproducible."""
 
 
 @dataclass
@@ -181,7 +195,11 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
             "versions": {**tool_versions(), **backend.versions()},
             **dict(extra_manifest or {}),
         }
-        files += _write_files(tmp, build_report(manifest, graph_in, graph))  # report.md + plot, hashed too
+        if opts.profile:
+            from qcompile.profile import profile_artifact
+
+            manifest["profile"] = profile_artifact(backend, tmp, manifest, graph, loaded.calibration[0])
+        files += _write_files(tmp, build_report(manifest, graph_in, graph))  # report.md/.html + plot, hashed too
         manifest["files"] = file_table(tmp, files)
         write_json(tmp / MANIFEST, manifest)
     return CompileResult(out, manifest, pm.records)
@@ -195,17 +213,31 @@ def _write_files(directory: Path, contents: Mapping[str, bytes]) -> list[str]:
     return list(contents)
 
 
+def rms_rel(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> list[float]:
+    """Per output: rms(y - y_ref) / rms(y_ref) (0 when both are all-zero, inf on a shape mismatch)."""
+    out = []
+    for y, r in zip(outputs, reference):
+        if y.shape != r.shape:
+            out.append(float("inf"))
+            continue
+        d = float(np.sqrt(np.mean((y.astype(np.float64) - r) ** 2))) if r.size else 0.0
+        s = float(np.sqrt(np.mean(np.square(r, dtype=np.float64)))) if r.size else 0.0
+        out.append(d / s if s > 0 else d)
+    return out
+
+
 def check_numerics(outputs: list[np.ndarray], reference: list[np.ndarray], graph, feeds: list, *, exact: bool,
                    quantized: bool, target: str, backend: str, max_rel: float | None = None,
                    fp32: tuple[float, float] = (FP32_RTOL, FP32_ATOL_REL),
-                   int8_atol_rel: float = INT8_ATOL_REL) -> dict[str, Any]:
+                   int8_atol_rel: float = INT8_ATOL_REL, int8_rms_factor: float = INT8_RMS_FACTOR) -> dict[str, Any]:
     """Step 4: judge an artifact's ``outputs`` on ``feeds`` against the original model's ``reference``
     outputs and, for a lossy pipeline, against the compressed IR ``graph`` run by the reference interpreter.
 
     Raises ``NumericsError`` when an exact pipeline misses the fp32 tolerance ``fp32`` = (rtol, atol_rel),
-    when a lossy one's artifact misses the compressed IR by more than ``fp32`` (int8 graphs:
-    ``int8_atol_rel`` * max|ref|), or when the error vs the original exceeds ``max_rel``.  Returns the
-    manifest's verification entries: errors and the tolerances they were held to (``compile`` and
+    when a lossy fp32 one's artifact misses the compressed IR by more than ``fp32``, when an output of a
+    quantized one misses both int8 bounds (:data:`INT8_ATOL_REL` vs the quantized IR, else
+    :data:`INT8_RMS_FACTOR` vs the original), or when the error vs the original exceeds ``max_rel``.
+    Returns the manifest's verification entries: errors and the bounds they were held to (``compile`` and
     ``qcompile verify`` both call this)."""
     rtol32, atol32 = fp32
     rel = max_rel_error(outputs, reference)
@@ -217,19 +249,20 @@ def check_numerics(outputs: list[np.ndarray], reference: list[np.ndarray], graph
             f"max abs error {abs_err:.3g}, max relative error {rel:.3g} (rtol={rtol32}, "
             f"atol={atol32}*max|ref|) on {len(feeds)} calibration feeds")
     backend_rel = rel
+    int8: dict[str, Any] = {}
     if not exact:
-        # a lossy pipeline changes the function on purpose; the artifact must still compute exactly
-        # what the compressed IR computes (fp32), or the backend is wrong
+        # a lossy pipeline changes the function on purpose; the artifact must still compute what the
+        # compressed IR computes (fp32 exactly; int8 within the bounds above), or the backend is wrong
         compressed = run_reference(graph, feeds)
         backend_rel = max_rel_error(outputs, compressed)
-        rtol, atol_rel = (0.0, int8_atol_rel) if quantized else (rtol32, atol32)
-        if not within_fp32_tolerance(outputs, compressed, rtol, atol_rel):
+        if quantized:
+            int8 = _check_int8(outputs, compressed, reference, target, backend, len(feeds), int8_atol_rel,
+                               int8_rms_factor)
+        elif not within_fp32_tolerance(outputs, compressed, rtol32, atol32):
             raise NumericsError(
                 f"artifact for target '{target}' differs from the compressed IR (reference interpreter) "
-                f"beyond {'the int8' if quantized else 'fp32'} tolerance: max relative error "
-                f"{backend_rel:.3g} (rtol={rtol}, atol={atol_rel:.3g}*max|ref|) on "
-                f"{len(feeds)} calibration feeds"
-                + (REDUCE_RANGE_HINT if quantized and backend == "onnxruntime" else ""))
+                f"beyond fp32 tolerance: max relative error {backend_rel:.3g} (rtol={rtol32}, "
+                f"atol={atol32:.3g}*max|ref|) on {len(feeds)} calibration feeds")
     if max_rel is not None and rel > max_rel:
         raise NumericsError(f"artifact error {rel:.3g} exceeds --max-rel-error {max_rel}")
     return {
@@ -239,6 +272,32 @@ def check_numerics(outputs: list[np.ndarray], reference: list[np.ndarray], graph
         "tolerance": {"rtol": rtol32, "atol_rel": atol32} if exact else {"max_rel_error": max_rel},
         "within_fp32_tolerance": within,
         "backend_vs_compressed_ir_rel_error": backend_rel,
-        "backend_vs_compressed_ir_tolerance": {"atol_rel": int8_atol_rel} if quantized else
-        {"rtol": rtol32, "atol_rel": atol32},
+        "backend_vs_compressed_ir_tolerance": {"atol_rel": int8_atol_rel, "rms_factor_vs_original":
+                                               int8_rms_factor} if quantized else {"rtol": rtol32, "atol_rel": atol32},
+        **int8,
     }
+
+
+def _check_int8(outputs, compressed, reference, target: str, backend: str, feeds: int, atol_rel: float,
+                rms_factor: float) -> dict[str, Any]:
+    """The two int8 bounds, per output (see :data:`INT8_ATOL_REL`, :data:`INT8_RMS_FACTOR`); returns the
+    manifest entries: per output which bound held and the RMS errors behind the second."""
+    ir_vs_orig, art_vs_orig = rms_rel(compressed, reference), rms_rel(outputs, reference)
+    held, failed = [], []
+    for k, (y, q) in enumerate(zip(outputs, compressed)):
+        if within_fp32_tolerance([y], [q], 0.0, atol_rel):
+            held.append("steps")
+        elif art_vs_orig[k] <= rms_factor * ir_vs_orig[k]:
+            held.append("rms")
+        else:
+            held.append("none")
+            failed.append(f"output {k}: max error vs the quantized IR {max_rel_error([y], [q]):.3g} of its range "
+                          f"(> {atol_rel:.3g}) and RMS error vs the original {art_vs_orig[k]:.3g} > "
+                          f"{rms_factor:g} x the quantized IR's {ir_vs_orig[k]:.3g}")
+    if failed:
+        raise NumericsError(
+            f"artifact for target '{target}' does not compute the quantized model (reference interpreter) on "
+            f"{feeds} calibration feeds: " + "; ".join(failed)
+            + (REDUCE_RANGE_HINT if backend == "onnxruntime" else ""))
+    return {"int8_bound_held": held, "quantized_ir_vs_original_rms_rel": ir_vs_orig,
+            "backend_vs_original_rms_rel": art_vs_orig}

@@ -1,7 +1,10 @@
-"""The compile report: ``OUT/report.md`` and ``OUT/report/macs.png``, written into the artifact.
+"""The compile report: ``OUT/report.md``, the same as a page ``OUT/report.html`` and the plot
+``OUT/report/macs.png``, written into the artifact.
 
 ``build_report(manifest, original, compiled)`` returns ``{relative path: bytes}``; ``compile`` writes
 these into the same atomic directory as the artifact and hashes them in the manifest's file table.
+The HTML is the markdown rendered by markdown-it-py (CommonMark + tables) into one self-contained page
+(inline CSS; the plots are the artifact's PNGs, linked by relative path).
 
 The report holds
 
@@ -11,14 +14,18 @@ The report holds
 * one row per conv / linear / matmul layer of the original model: op, how it was rewritten (from the
   provenance its nodes carry: folded batch norm, pruned channels, factorization method and rank,
   weight/activation bits), MACs and params before and after, and the numeric error a pass recorded
-  for it (factorization weight or response error); plus one row for every other op, so the rows add
-  up to the totals; a bar chart of MACs per layer before/after;
+  for it (factorization weight or response error), and its share of the measured latency when the
+  compile was profiled (``--profile``, :mod:`qcompile.profile`: the artifact's kernels timed on its
+  backend at one thread); plus one row for every other op, so the rows add up to the totals; a bar
+  chart of MACs per layer before/after;
 * one row per pass (nodes before/after, whether it changed the graph, recorded error, scalar stats);
 * when a search chose the pipeline: its result, the Pareto plot ``search/front.png`` and the chosen
   configuration per layer.
 
 The report is a pure function of its inputs: no timestamps and no pass timings (they differ from
-run to run, and the same inputs must give the same artifact bytes).
+run to run, and the same inputs must give the same artifact bytes).  Latency shares are the one
+exception, and only when asked for: ``--profile`` puts the measured times into the manifest
+(``profile``), and the report shows them with the clock and machine they were measured on.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from qcompile.ir.costs import node_cost
 from qcompile.ir.graph import Graph, Node
 
 REPORT = "report.md"
+REPORT_HTML = "report.html"
 MACS_PLOT = "report/macs.png"
 LAYER_OPS = ("conv2d", "conv_transpose2d", "linear", "matmul")
 
@@ -56,7 +64,12 @@ def build_report(manifest: Mapping[str, Any], original: Graph, compiled: Graph) 
     """``{"report.md": ..., "report/macs.png": ...}`` for an artifact whose manifest (without its file
     table) is ``manifest``, compiled from the IR ``original`` into the IR ``compiled``."""
     rows = layer_rows(original, compiled)
-    return {REPORT: render_markdown(manifest, rows).encode(), MACS_PLOT: plot_macs(rows)}
+    text = render_markdown(manifest, rows)
+    prof = manifest.get("profile") or {}
+    shares = None
+    if prof.get("measured") and prof.get("total_ms"):
+        shares = {r.layer: (prof.get("layers") or {}).get(r.layer, 0.0) / prof["total_ms"] for r in rows}
+    return {REPORT: text.encode(), REPORT_HTML: render_html(text).encode(), MACS_PLOT: plot_macs(rows, shares)}
 
 
 # ---------------------------------------------------------------------------------------- layer table
@@ -195,25 +208,44 @@ def _verification(v: Mapping[str, Any]) -> list[str]:
             f"| artifact vs {_cell(v.get('against', 'original model'))} | {_num(v.get('max_abs_error'))} | "
             f"{_num(v.get('max_rel_error'))} | {_cell(vs_orig)} |"]
     if not v.get("exact_pipeline"):
-        btext = _cell(f"{btext} (relative to max|y_ref|)")
+        if "rms_factor_vs_original" in btol:  # quantized: two bounds per output (compiler.INT8_RMS_FACTOR)
+            held = v.get("int8_bound_held") or []
+            btext = (f"per output: max error ≤ {_num(btol.get('atol_rel'))}·max|y_ref| (four int8 steps), or RMS "
+                     f"error vs the original ≤ {_num(btol['rms_factor_vs_original'])}× the quantized IR's"
+                     + (f"; held: {', '.join(held)}" if held else ""))
+            btext = _cell(btext)
+        else:
+            btext = _cell(f"{btext} (relative to max|y_ref|)")
         out.append(f"| artifact vs compressed IR (reference interpreter) | | "
                    f"{_num(v.get('backend_vs_compressed_ir_rel_error'))} | {btext} |")
     return out + ["", "Relative errors are max|y − y_ref| / max|y_ref| over all outputs and feeds.", ""]
 
 
+def _time(ms: float) -> str:
+    return f"{ms:.3g} ms" if ms >= 1 else f"{1e3 * ms:.3g} µs"
+
+
+def _pct(ms: float | None, total: float) -> str:
+    return "—" if ms is None or not total else f"{100 * ms / total:.1f} %"
+
+
 def _layers(manifest: Mapping[str, Any], rows: list[LayerRow]) -> list[str]:
     costs = manifest.get("costs", {})
     before, after = costs.get("before", {}), costs.get("after", {})
+    prof = manifest.get("profile") or {}
+    measured = bool(prof.get("measured"))
+    times, total = (prof.get("layers") or {}), float(prof.get("total_ms") or 0.0)
     out = ["## Layers", "",
-           "| layer | op | method / provenance | MACs before | MACs after | after / before | params before | "
-           "params after | weight bytes before | weight bytes after | recorded error |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "| layer | op | method / provenance | MACs before | MACs after | after / before | latency share | "
+           "params before | params after | weight bytes before | weight bytes after | recorded error |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         method = "; ".join(r.methods) or ("removed" if not r.nodes_after else "unchanged")
         if r.nodes_after and r.nodes_after != [r.layer]:
             method += f" → {len(r.nodes_after)} node(s)"
+        share = _pct(times.get(r.layer, 0.0) if r.nodes_after else None, total) if measured else "—"
         out.append(f"| `{_cell(r.layer)}` | {r.op} | {_cell(method)} | {r.macs_before:,} | {r.macs_after:,} | "
-                   f"{_ratio(r.macs_after, r.macs_before)} | {r.params_before:,} | {r.params_after:,} | "
+                   f"{_ratio(r.macs_after, r.macs_before)} | {share} | {r.params_before:,} | {r.params_after:,} | "
                    f"{r.bytes_before:,} | {r.bytes_after:,} | {_cell(', '.join(r.errors)) or '—'} |")
     if before:
         keys = (("macs", "macs_before", "macs_after"), ("params", "params_before", "params_after"),
@@ -221,16 +253,34 @@ def _layers(manifest: Mapping[str, Any], rows: list[LayerRow]) -> list[str]:
         rest = {k: (before.get(k, 0) - sum(getattr(r, b) for r in rows),
                     after.get(k, 0) - sum(getattr(r, a) for r in rows)) for k, b, a in keys}
         (mb, ma), (pb, pa), (wb, wa) = rest.values()
+        other = _pct(float(prof.get("other_ms") or 0.0), total) if measured else "—"
         out.append(f"| (other ops) | | pools, batch norms, activation quantization, ... | {mb:,} | {ma:,} | "
-                   f"{_ratio(ma, mb)} | {pb:,} | {pa:,} | {wb:,} | {wa:,} | |")
+                   f"{_ratio(ma, mb)} | {other} | {pb:,} | {pa:,} | {wb:,} | {wa:,} | |")
         tb, ta = before.get("macs", 0), after.get("macs", 0)
-        out.append(f"| **total** | | | **{tb:,}** | **{ta:,}** | **{_ratio(ta, tb)}** | "
+        tshare = f"**100 %** ({_time(total)})" if measured else "—"
+        out.append(f"| **total** | | | **{tb:,}** | **{ta:,}** | **{_ratio(ta, tb)}** | {tshare} | "
                    f"**{before.get('params', 0):,}** | **{after.get('params', 0):,}** | "
                    f"**{before.get('weight_bytes', 0):,}** | **{after.get('weight_bytes', 0):,}** | |")
-    out += ["", "Params and weight bytes count a layer's constants as the IR stores them (quantized layers: "
-            "integer weights, one byte each also for int4, plus per-channel scales and the bias).", "",
+    out += ["", "MACs count multiply-accumulates per inference. Params and weight bytes count a layer's constants "
+            "as the IR stores them (quantized layers: integer weights, one byte each also for int4, plus "
+            "per-channel scales and the bias).", "", _latency_note(prof), "",
             f"![MACs per layer, before and after]({MACS_PLOT})", ""]
     return out
+
+
+def _latency_note(prof: Mapping[str, Any]) -> str:
+    """What the latency-share column holds: how and where it was measured, or how to measure it."""
+    if prof.get("measured"):
+        return (f"Latency share: each layer's part of the summed kernel time of the compiled artifact, "
+                f"{_time(float(prof.get('total_ms') or 0))} per inference on `{prof.get('backend')}`, measured with "
+                f"`--profile` — {prof.get('clock')}; machine: {prof.get('machine')}. Kernels that compute "
+                "pools, activation quantization, layout changes and the like count as (other ops). The times "
+                "vary from run to run: a profiled artifact's bytes are not reproducible.")
+    if prof:
+        return f"Latency share: not measured on `{prof.get('backend')}` — {prof.get('reason')}."
+    return ("Latency share: not measured (timings would make the artifact's bytes differ from compile to "
+            "compile). `qcompile compile ... --profile` times every kernel of the compiled artifact on its "
+            "backend at one thread and fills this column.")
 
 
 def _search(manifest: Mapping[str, Any]) -> list[str]:
@@ -273,8 +323,9 @@ def _passes(records: list[Mapping[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- plot
-def plot_macs(rows: list[LayerRow]) -> bytes:
-    """PNG: MACs per layer before and after (grouped bars), one group per table row."""
+def plot_macs(rows: list[LayerRow], shares: Mapping[str, float] | None = None) -> bytes:
+    """PNG: MACs per layer before and after (grouped bars), one group per table row; with ``shares``
+    (layer -> measured latency share, ``--profile``) a second panel shows them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,16 +334,63 @@ def plot_macs(rows: list[LayerRow]) -> bytes:
 
     names = [r.layer for r in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) + 2), 4.2))
+    width = max(6.0, 0.6 * len(rows) + 2)
+    if shares is None:
+        fig, ax = plt.subplots(figsize=(width, 4.2))
+    else:
+        fig, (ax, lat) = plt.subplots(2, 1, figsize=(width, 6.6), sharex=True, height_ratios=(3, 2))
     ax.bar(x - 0.2, [r.macs_before for r in rows], 0.4, label="before", color="#8c8c8c")
     ax.bar(x + 0.2, [r.macs_after for r in rows], 0.4, label="after", color="#1f77b4")
-    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("MACs per inference")
     ax.set_title("MACs per layer: before and after the pipeline")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
+    if shares is not None:
+        lat.bar(x, [100 * shares.get(n, 0.0) for n in names], 0.6, color="#d62728")
+        lat.set_ylabel("latency share (%)")
+        lat.set_title("measured latency share of the compiled artifact (--profile)", fontsize=10)
+        lat.grid(axis="y", alpha=0.3)
+        ax = lat
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------- HTML
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #1f2328;
+       margin: 0 auto; padding: 24px 32px 48px; max-width: 1500px; }
+h1 { font-size: 22px; border-bottom: 1px solid #d0d7de; padding-bottom: 6px; }
+h2 { font-size: 18px; margin-top: 28px; border-bottom: 1px solid #eaeef2; padding-bottom: 4px; }
+code { font: 12.5px/1.3 ui-monospace, "DejaVu Sans Mono", monospace; background: #f3f5f7; padding: 1px 4px;
+       border-radius: 4px; overflow-wrap: anywhere; }
+.table { overflow-x: auto; margin: 10px 0; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #d0d7de; padding: 4px 7px; vertical-align: top; }
+th { vertical-align: bottom; }
+th { background: #f6f8fa; position: sticky; top: 0; }
+td { font-variant-numeric: tabular-nums; }
+td[style*="right"] { white-space: nowrap; }
+td:first-child code { white-space: nowrap; overflow-wrap: normal; }
+tr:nth-child(even) td { background: #fafbfc; }
+img { max-width: 100%; height: auto; border: 1px solid #eaeef2; }
+li { margin: 2px 0; }
+"""
+
+
+def render_html(markdown_text: str) -> str:
+    """``markdown_text`` (the report) as one self-contained HTML page: CommonMark + tables rendered by
+    markdown-it-py, inline CSS, images linked by their relative paths inside the artifact."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
+    body = body.replace("<table>", '<div class="table"><table>').replace("</table>", "</table></div>")
+    first = markdown_text.splitlines()[0] if markdown_text else "qcompile report"
+    title = html.escape(first.lstrip("# ").replace("`", ""))
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{title}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")

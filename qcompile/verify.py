@@ -68,6 +68,8 @@ def recorded_tolerances(v: dict[str, Any]) -> dict[str, Any]:
         kw["fp32"] = (FP32_RTOL, FP32_ATOL_REL)
         if fp32 and "atol_rel" in fp32:
             kw["int8_atol_rel"] = float(fp32["atol_rel"])
+        if fp32 and "rms_factor_vs_original" in fp32:
+            kw["int8_rms_factor"] = float(fp32["rms_factor_vs_original"])
     return kw
 
 

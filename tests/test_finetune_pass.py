@@ -78,3 +78,31 @@ def test_search_fine_tunes_points_that_miss_and_keeps_improvements(digits):
     built2 = {id(points[1]): (PRUNED, _run(m, PRUNED)[0], untuned[id(points[1])])}
     F.recover(built2, points[1:], m, ctx, x, y, base, 0.5, FinetuneOptions(data="digits", epochs=1), points=0)
     assert built2[id(points[1])][0] == PRUNED
+
+
+def test_search_space_recovers_pruned_models_before_per_layer_choices(digits):
+    """``prune_finetune``: each pruned model of the space is fine-tuned right after pruning (teacher: the
+    loaded model), its pipeline text says so, and replaying that text from the loaded model rebuilds it."""
+    from qcompile.passes.finetune import FinetuneOptions
+    from qcompile.search import LayerConfig, SearchSpace
+    from qcompile.search.finalists import PREPARE, point_pipeline
+
+    m, data = digits
+    graph, _ = _run(m, PREPARE)
+    opts = FinetuneOptions(data="digits", epochs=2, patience=2)
+    plain = SearchSpace(graph, m.calibration, prune_ratios=(1.0, 0.25), bits=(8,), ranks_per_layer=0)
+    recovered = SearchSpace(graph, m.calibration, prune_ratios=(1.0, 0.25), bits=(8,), ranks_per_layer=0,
+                            prune_finetune=opts, teacher=m.graph)
+    text = recovered.prune_pipeline(0.25)
+    assert text.startswith(plain.prune_pipeline(0.25) + ",finetune{") and "epochs=2" in text
+    assert recovered.prune_pipeline(1.0) == ""  # the unpruned model is not fine-tuned
+    before, after = (accuracy(s.pruned_graph(0.25), *data.val) for s in (plain, recovered))
+    assert after > before + 5, (before, after)  # a quarter of the MACs: the recovery is what makes it usable
+    # a point on the recovered model replays from its pipeline text, from the loaded (unfolded) model
+    point = SimpleNamespace(prune=0.25, configs={la.name: "int8" for la in recovered.layers})
+    pipeline = point_pipeline(recovered, point)
+    assert ",finetune{" in pipeline and pipeline.endswith('layer-config{configs="' + ";".join(
+        f"{la.name}=int8" for la in recovered.layers) + '"}')
+    built = recovered.build({la.name: LayerConfig(8) for la in recovered.layers}, 0.25)
+    replayed, _ = _run(m, pipeline)
+    assert accuracy(replayed, *data.val) == pytest.approx(accuracy(built, *data.val))

@@ -18,18 +18,20 @@ Tolerances (errors are ``max|y - y_ref| / max|y_ref|`` per output):
 * ``identity``: the compiler refuses an artifact outside the fp32 tolerance on the calibration
   feeds; here it must also hold on the held-out images: ``|y - y_ref| <= 1e-5 * max|y_ref| +
   1e-4 * |y_ref|`` for every output element.
-* ``tucker2`` / ``quantize``: the compiler holds the artifact to the compressed IR (fp32 tolerance,
-  or four int8 steps of the output range); here the error against the original must stay below
-  :data:`TUCKER_BOUND` / :data:`QUANT_BOUND`, and the quantized classifiers' top-1 class must agree
-  with the original on every held-out image.
-
-Where the compiler refuses an artifact (:data:`KNOWN_FAILURES`, e.g. quantized models on
-onnxruntime) the case is an expected failure with the measured reason.
+* ``tucker2``: the compiler holds the artifact to the compressed IR at the fp32 tolerance; here the
+  error against the original only has to stay below :data:`TUCKER_BOUND` (no fine-tune);
+* ``quantize``: the compiler holds every output to one of its two int8 bounds (four int8 steps of
+  the quantized IR's range, or an RMS distance to the original within 1.25x the quantized IR's; see
+  ``compiler.INT8_RMS_FACTOR``); here, on held-out images, each model is held to what it is for:
+  the classifiers' top-1 class agrees with the original on every image (and an RMS bound), the
+  detectors' outputs stay within :data:`QUANT_RMS_BOUND` (CenterFace's heatmap within
+  :data:`HEATMAP_ABS_BOUND`), the OCR detector's text map and mask agree (:data:`DET_MASK_IOU`), and
+  the recognizer reads the same character at :data:`REC_AGREEMENT` of its time steps.
 
 CI time (2 cores): a TVM build of one of these models takes 30-130 s (arm64: build plus emulated
 runs), so the default run is (:data:`DEFAULT`): every model through ``identity`` on onnxruntime,
 ``tucker2`` on onnxruntime for CenterFace and YOLOv8n, ``quantize`` on onnxruntime for the orientation
-classifier, tvm-x86 ``identity`` on CenterFace and ``quantize`` on the PP-OCR classifier (the smallest
+classifier (within four int8 steps) and the PP-OCR classifier (held by the RMS bound), tvm-x86 ``identity`` on CenterFace and ``quantize`` on the PP-OCR classifier (the smallest
 model), tvm-arm64 ``identity`` on the PP-OCR classifier. Every other combination, the lossy pipelines
 on arm64 included, is marked ``slow`` and runs with ``-m slow`` (about an hour). The models are
 fetched into the cache folder once (``network``); only when the registry is unreachable do the tests
@@ -46,7 +48,6 @@ import numpy as np
 import pytest
 
 from qcompile.compiler import FP32_ATOL_REL, FP32_RTOL, CompileOptions, compile_model
-from qcompile.errors import NumericsError
 from qcompile.frontends import LoadedModel, load_model
 from qcompile.models.thirdparty import CORPUS, CorpusModel, RegistryUnavailable, corpus_model, fetch_model
 from qcompile.passes.manager import max_rel_error, within_fp32_tolerance
@@ -57,42 +58,30 @@ PIPELINES = {"identity": "fold-bn,dead-code", "tucker2": "fold-bn,dead-code,tuck
 TARGETS = ("onnxruntime", "tvm-x86", "tvm-arm64")
 DEFAULT = {*((m.name, "identity", "onnxruntime") for m in CORPUS),
            ("centerface", "tucker2", "onnxruntime"), ("yolov8n", "tucker2", "onnxruntime"),
-           ("orientation", "quantize", "onnxruntime"),
+           ("orientation", "quantize", "onnxruntime"), ("ppocr-cls", "quantize", "onnxruntime"),
            ("centerface", "identity", "tvm-x86"), ("ppocr-cls", "quantize", "tvm-x86"),
            ("ppocr-cls", "identity", "tvm-arm64")}
 """(model, pipeline, target) of the default run; every other combination is ``slow``."""
 NOT_APPLICABLE = {("ppocr-cls", "tucker2"): "its convs are depthwise or 1x1: no Tucker-2 ranks reach 0.8 of its MACs "
                                             "(PipelineError: budget infeasible)"}
-_ORT_INT8 = ("onnxruntime's optimized session (QLinearConv / fused float convs) differs from the QDQ graph it "
-             "runs by more than the compiler's bound of four int8 output steps (0.037-0.66 of the output range "
-             "measured; with graph optimizations disabled it matches to 1e-5): one-step rounding differences "
-             "compound through the deep network")
-KNOWN_FAILURES = {
-    **{(name, "quantize", "onnxruntime"): _ORT_INT8
-       for name in ("ppocr-det", "ppocr-cls", "ppocr-rec", "centerface", "yolov8n", "yolox-det")},
-    **{("ppocr-det", "quantize", t): "the quantized detector's probability map (sigmoid of steep logits) flips "
-                                     "pixels under one-step rounding differences: 0.55 of the output range vs "
-                                     "the quantized IR on tvm-x86" for t in ("tvm-x86", "tvm-arm64")},
-    **{("centerface", "quantize", t): "TVM's integer kernels differ from the quantized IR by 0.064 of the output "
-                                      "range on x86 and arm64 alike (one-step rounding differences compounding)"
-       for t in ("tvm-x86", "tvm-arm64")},
-    **{("ppocr-rec", "quantize", t): "TVM's integer kernels differ from the quantized IR by 0.32 of the output range "
-                                     "(per-character softmax; quantizing only its 9 linear layers stays at 0.017, "
-                                     "so the convs' one-step differences compound); measured on tvm-x86, arm64 "
-                                     "computes the same integers" for t in ("tvm-x86", "tvm-arm64")},
-}
-"""Combinations the compiler refuses with NumericsError (artifact vs compressed IR beyond its bound):
-expected failures (not strict), all ``slow``."""
-
 CALIBRATION_FEEDS = 4
 HELD_OUT_FEEDS = 2
 
-QUANT_BOUND = {"ppocr-cls": 0.1, "orientation": 0.1, "yolov8n": 0.5}
-"""int8 artifacts vs the original fp32 model on held-out images: max|y - y_ref| / max|y_ref| per output,
-about 2-4x what was measured on tvm-x86 / tvm-arm64 (0.035 PP-OCR classifier, 0.021 orientation, 0.23
-YOLOv8n, whose output holds box coordinates); :data:`QUANT_BOUND_UNMEASURED` for the models measured
-on no target yet (their quantized cases are ``slow`` or expected failures)."""
-QUANT_BOUND_UNMEASURED = 0.5
+QUANT_RMS_BOUND = {"ppocr-cls": 0.3, "orientation": 0.05, "yolov8n": 0.15, "yolox-det": 0.25, "centerface": 0.6}
+"""int8 artifacts vs the original fp32 model on held-out images, per output: rms(y - y_ref) / rms(y_ref), about
+2-3x what was measured with 4 calibration feeds (onnxruntime, the quantized IR ~ tvm-x86): PP-OCR classifier
+0.11, orientation 0.006-0.02, YOLOv8n 0.04, YOLOX 0.04-0.08, CenterFace 0.04-0.36 (its face heatmap on photo
+crops without faces: tiny values, so a large relative error, see :data:`HEATMAP_ABS_BOUND`).  The text models
+are judged by what they are for instead (:func:`_text_task_agrees`)."""
+HEATMAP_ABS_BOUND = 0.1
+"""CenterFace's face heatmap (a probability; its package detects at 0.5): max|y - y_ref| (measured <= 0.03)."""
+DET_MEAN_ABS_BOUND, DET_MASK_IOU, DET_MIN_TEXT = 0.03, 0.8, 0.01
+"""PP-OCR detector: mean |p - p_ref| of the text-probability map (measured 0.010-0.015), and the IoU of the
+text masks p > 0.3 (the threshold RapidOCR binarises at; measured 0.88-0.93) where the original's mask
+covers at least 1 % of the map."""
+REC_AGREEMENT = 0.85
+"""PP-OCR recognizer: the fraction of CTC time steps whose most likely character (of 6625) is the original's
+(measured 0.94 over four held-out lines: one step in eight flipped in two of them)."""
 TUCKER_BOUND = 2.0
 """Tucker-2 at 0.8 of the MACs without fine-tuning changes the function substantially (measured 0.29-1.24
 of the output range; recovering accuracy is the fine-tune's job): the artifact is held to the compressed IR
@@ -108,8 +97,6 @@ def _cases():
             for target in TARGETS:
                 key = (m.name, pipeline, target)
                 marks = [pytest.mark.network] + ([] if key in DEFAULT else [pytest.mark.slow])
-                if key in KNOWN_FAILURES:
-                    marks.append(pytest.mark.xfail(reason=KNOWN_FAILURES[key], raises=NumericsError, strict=False))
                 yield pytest.param(*key, id="-".join(key), marks=marks)
 
 
@@ -250,10 +237,34 @@ def test_corpus_model_compiles_and_matches_the_original(name, pipeline, target, 
         assert max(errors) <= TUCKER_BOUND, errors
         return
     assert sum(1 for layer in manifest["layers"] if any(pv.get("pass") == "quantize" for pv in layer["provenance"]))
-    assert max(errors) <= QUANT_BOUND.get(name, QUANT_BOUND_UNMEASURED), errors
+    assert all(b in ("steps", "rms") for b in v["int8_bound_held"])  # compile's own check, see compiler.py
+    if name in ("ppocr-det", "ppocr-rec"):
+        _text_task_agrees(name, got, p.reference)
+        return
+    for g, r in zip(got, p.reference):
+        for k, (gk, rk) in enumerate(zip(g, r)):
+            if name == "centerface" and k == 0:
+                assert np.abs(gk - rk).max() <= HEATMAP_ABS_BOUND
+                continue
+            rms = float(np.sqrt(np.mean((gk - rk) ** 2)) / np.sqrt(np.mean(rk ** 2)))
+            assert rms <= QUANT_RMS_BOUND[name], (k, rms)
     if name in CLASSIFIERS:
         for g, r in zip(got, p.reference):
             assert np.array_equal(np.argmax(g[0], -1), np.argmax(r[0], -1)), (g[0], r[0])
+
+
+def _text_task_agrees(name: str, got: list, reference: list) -> None:
+    """The OCR models judged by their task: the detector's text map and mask, the recognizer's characters."""
+    if name == "ppocr-det":
+        for (g,), (r,) in zip(got, reference):
+            assert np.abs(g - r).mean() <= DET_MEAN_ABS_BOUND
+            mask, ref_mask = g > 0.3, r > 0.3
+            if ref_mask.mean() >= DET_MIN_TEXT:
+                iou = (mask & ref_mask).sum() / (mask | ref_mask).sum()
+                assert iou >= DET_MASK_IOU, iou
+        return
+    steps = np.concatenate([(g.argmax(-1) == r.argmax(-1)).ravel() for (g,), (r,) in zip(got, reference)])
+    assert steps.mean() >= REC_AGREEMENT, steps
 
 
 # ---------------------------------------------------------------------------- the table itself

@@ -248,3 +248,34 @@ def test_third_party_onnx_model_goes_to_qdq_onnx_and_integer_tvm(rapidocr_models
     x86 = _int8_asm(g, host_x86_target())
     assert x86.count("vpdpbusd" if "avx512vnni" in host_x86_target().features else "vpmaddwd") >= 10
     assert _int8_asm(g, resolve("arm64-dotprod")).count("sdot") >= 10
+
+
+def test_int8_check_accepts_rounding_flips_and_refuses_a_wrong_lowering(digits):
+    """compile's int8 check (``check_numerics``): an output within four int8 steps of the quantized IR
+    holds the first bound; one further off holds only if it approximates the ORIGINAL as well as the
+    quantized IR does (``INT8_RMS_FACTOR``): the quantization error in other places (what compounding
+    one-step flips give) passes, a lost scale or a shifted output fails, naming both errors."""
+    from qcompile.compiler import INT8_RMS_FACTOR, check_numerics
+    from qcompile.errors import NumericsError
+    from qcompile.passes.manager import run_reference
+
+    graph, calib = digits
+    q, _ = _quantize(graph, calib, "quantize{weight_bits=4}")  # 4-bit weights: an error well above four int8 steps
+    feeds = calib[:8]
+    orig, ir = run_reference(graph, feeds), run_reference(q, feeds)
+    kw = dict(exact=False, quantized=True, target="t", backend="b")
+    assert check_numerics(ir, orig, q, feeds, **kw)["int8_bound_held"] == ["steps"]
+    # the same quantization error, placed elsewhere: as far from the original, many steps from the IR
+    rng = np.random.default_rng(0)
+    err = ir[0] - orig[0]
+    moved = [orig[0] + rng.permutation(err.ravel()).reshape(err.shape)]
+    assert np.abs(moved[0] - ir[0]).max() > INT8_ATOL_REL * np.abs(ir[0]).max()
+    v = check_numerics(moved, orig, q, feeds, **kw)
+    assert v["int8_bound_held"] == ["rms"]
+    assert v["backend_vs_original_rms_rel"][0] == pytest.approx(v["quantized_ir_vs_original_rms_rel"][0])
+    # wrong lowerings: a lost per-tensor scale, a zero point off by a few steps of the output range
+    step = np.abs(ir[0]).max() / 127
+    for wrong in ([ir[0] * 1.5], [ir[0] + 6 * step]):
+        with pytest.raises(NumericsError, match=r"output 0: max error vs the quantized IR .* RMS error vs the "
+                                                rf"original .* > {INT8_RMS_FACTOR:g} x the quantized IR's"):
+            check_numerics(wrong, orig, q, feeds, **kw)

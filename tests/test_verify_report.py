@@ -178,3 +178,105 @@ def test_search_section_links_the_front_and_lists_the_chosen_configuration():
     assert "| `conv_out.0` | tucker2[16x8]+int8 |" in text and "| `fc` | int4 |" in text
     assert "97.50 % (drop 0.40 points)" in text and "0.61x the original" in text
     assert "## Search" not in render_markdown({**manifest, "search": None}, [])
+
+
+def _layer_table(text):
+    """The report's layer table: {first cell: [cells]}."""
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return header, {cells[0].strip(" `*"): cells for cells in
+                    ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+
+def _shares(text):
+    header, rows = _layer_table(text)
+    col = header.index("latency share")
+    return {name: cells[col] for name, cells in rows.items()}
+
+
+def test_report_html_renders_the_markdown_and_is_hashed(artifacts):
+    for which in ("exact", "lossy"):
+        art = artifacts[which]
+        manifest = json.loads((art / "manifest.json").read_text())
+        assert "report.html" in manifest["files"]
+        page = (art / "report.html").read_text()
+        assert page.startswith("<!DOCTYPE html>") and "<style>" in page and "<script" not in page
+        assert '<img src="report/macs.png"' in page and page.count("<table>") >= 4
+        assert "<th>layer</th>" in page and "<code>conv_out.0</code>" in page and '<th style="text-align:right">' in page
+
+
+def test_without_profile_the_latency_column_says_how_to_measure_it(artifacts):
+    text = (artifacts["exact"] / "report.md").read_text()
+    assert set(_shares(text).values()) == {"—"}
+    assert "Latency share: not measured" in text and "`qcompile compile ... --profile`" in text
+    assert "profile" not in json.loads((artifacts["exact"] / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tvm-x86"])
+def test_profile_measures_each_layers_latency_share(target, tmp_path):
+    """--profile times the artifact's kernels at one thread: every conv/linear row gets a share, the rows
+    plus (other ops) make 100 %, and on the digits CNN the convolutions take most of the time."""
+    from qcompile.frontends import load_model
+
+    out = tmp_path / "prof"
+    assert main(["compile", DIGITS, "-p", "fold-bn", "-t", target, "-o", str(out), "--profile"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    prof = manifest["profile"]
+    assert prof["measured"] and prof["threads"] == 1 and prof["runs"] >= 5 and prof["total_ms"] > 0
+    assert prof["clock"] and prof["machine"]
+    layers = {n.name: n.op for n in load_model(DIGITS).graph.nodes if n.op in ("conv2d", "linear")}
+    assert set(prof["layers"]) == set(layers)
+    shares = {k: v / prof["total_ms"] for k, v in prof["layers"].items()}
+    other = prof["other_ms"] / prof["total_ms"]
+    assert all(0 <= s <= 1 for s in shares.values()) and 0 <= other <= 1
+    assert abs(sum(shares.values()) + other - 1) < 0.01
+    conv = sum(s for k, s in shares.items() if layers[k] == "conv2d")
+    assert conv > other and conv > shares["fc"]
+    # the report shows them: a percentage in every layer row, 100 % in the total row
+    text = (out / "report.md").read_text()
+    cells = _shares(text)
+    for name, s in shares.items():
+        assert cells[name] == f"{100 * s:.1f} %"
+    assert cells["total"].startswith("**100 %**")
+    assert f"on `{target}`, measured with `--profile`" in text and prof["machine"] in text
+    _assert_tables_are_well_formed(text)
+    assert main(["verify", str(out), "--files-only"]) == 0  # the profiled report is hashed like the rest
+
+
+def test_backends_without_a_profiler_say_why(tmp_path):
+    from qcompile.backends.torch_backend import TorchBackend
+    from qcompile.frontends import load_model
+    from qcompile.profile import profile_artifact
+    from qcompile.report import render_markdown
+
+    loaded = load_model(DIGITS)
+    prof = profile_artifact(TorchBackend(), tmp_path, {}, loaded.graph, loaded.calibration[0])
+    assert prof["measured"] is False and "reference interpreter" in prof["reason"]
+    text = render_markdown({"source": {"spec": DIGITS}, "target": {"name": "torch"}, "profile": prof}, [])
+    assert "Latency share: not measured on `torch` — the torch target runs" in text
+
+
+def test_kernels_map_to_layers_in_call_order():
+    """TVM kernels are named after their ops, not layers: the k-th conv/matmul kernel is the k-th layer
+    node, preferring one whose output has the kernel's output size; a count mismatch is refused."""
+    from qcompile.frontends import load_model
+    from qcompile.passes import PassManager, parse_pipeline
+    from qcompile.profile import NotMeasured, _ort_node, _tvm_assign
+
+    g = PassManager(parse_pipeline("fold-bn")).run(load_model(DIGITS).graph)
+    layers = [n.name for n in g.nodes if n.op in ("conv2d", "linear")]
+    kernels = [("transpose1", 64)] + [(f"fused_conv2d{k}_add_relu1_prepacked", 1024) for k in range(5)] + \
+        [("concatenate1", 2048), ("fused_conv2d3_add2_relu11_prepacked", 768), ("mean1", 48),
+         ("fused_matmul_add31_prepacked", 10)]
+    assert _tvm_assign(g, kernels) == [None] + layers[:5] + [None, layers[5], None, layers[6]]
+    with pytest.raises(NotMeasured, match="matched no kernel"):
+        _tvm_assign(g, kernels[:-1])
+    # onnxruntime names: the IR node, a node the exporter added for it, or (after NCHWc / fusion) the name
+    # of a value it produces; a fused conv named after its ReLU's output is the conv
+    relu_out = next(n for n in g.nodes if n.name == "stem.2").outputs[0]
+    assert _ort_node(g, "conv_out.0", "Conv") == "conv_out.0"
+    assert _ort_node(g, "fc/dequantize_w", "DequantizeLinear") == "fc"
+    assert _ort_node(g, f"{relu_out}_nchwc", "Conv") == "stem.0"
+    assert _ort_node(g, f"{relu_out}_nchwc", "Relu") == "stem.2"
+    assert _ort_node(g, "ReorderOutput", "ReorderOutput") is None

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from qcompile import progress
 from qcompile.ir.graph import Graph, Node
 
 
@@ -101,7 +102,8 @@ def capture(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], values: Seq
             batch: int = 64) -> dict[str, np.ndarray]:
     """The values named ``values`` computed by the reference interpreter on every feed,
     concatenated along axis 0 (feeds are shaped like the graph inputs; up to ``batch`` feeds are
-    run as one batch along axis 0 when the graph allows it, see :func:`_batch_free`)."""
+    run as one batch along axis 0 when the graph allows it, see :func:`_batch_free`).  More than one
+    batch shows a transient progress bar on a terminal (:func:`qcompile.progress.steps`)."""
     import torch
 
     from qcompile.backends.torch_backend import to_torch
@@ -114,12 +116,13 @@ def capture(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], values: Seq
     got: dict[str, list[np.ndarray]] = {v: [] for v in values}
     batches = [{i: np.concatenate([np.asarray(f[i]) for f in feeds[k:k + batch]]) for i in g.inputs}
                for k in range(0, len(feeds), batch)]
-    with torch.no_grad():
+    with torch.no_grad(), progress.steps(f"calibration: {graph.name}", len(batches)) as advance:
         for feed in batches:
             outs = module(*[torch.from_numpy(feed[i]) for i in g.inputs])
             outs = outs if isinstance(outs, tuple) else (outs,)
             for v, o in zip(values, outs):
                 got[v].append(o.numpy())
+            advance()
     return {v: np.concatenate(a, axis=0) for v, a in got.items()}
 
 

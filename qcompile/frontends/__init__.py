@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -41,8 +43,51 @@ class LoadedModel:
     dataset: str = ""  # the model's labelled data set (``dataset`` attribute: digits, mnist), for accuracy checks
 
 
+DEFAULT_MAX_TENSOR_ELEMENTS = 1 << 28
+"""Largest tensor (elements) a model may declare or compute: 1 GiB as float32, e.g. 1x64x2048x2048.
+``$QCOMPILE_MAX_TENSOR_ELEMENTS`` overrides it.  Checked on shapes alone, before anything is allocated,
+so a hostile or mistyped shape (1x3x100000x100000) fails with its name instead of exhausting memory."""
+
+_ITEMSIZE = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2, "bfloat16": 2, "int16": 2}
+
+
+def max_tensor_elements() -> int:
+    text = os.environ.get("QCOMPILE_MAX_TENSOR_ELEMENTS", "")
+    try:
+        return int(text) if text else DEFAULT_MAX_TENSOR_ELEMENTS
+    except ValueError:
+        raise InputError(f"QCOMPILE_MAX_TENSOR_ELEMENTS must be an integer, not '{text}'") from None
+
+
+def check_tensor_size(what: str, shape: Sequence[int], dtype: str = "float32", hint: str = "") -> None:
+    """ShapeError naming ``what`` when a tensor of ``shape`` would exceed :func:`max_tensor_elements`
+    (computed with Python integers: no overflow, nothing allocated)."""
+    n = math.prod(int(d) for d in shape)
+    limit = max_tensor_elements()
+    if n > limit:
+        gib = n * _ITEMSIZE.get(dtype, 1) / 2**30
+        raise ShapeError(f"{what} has shape {'x'.join(str(int(d)) for d in shape)}: {n:,} elements "
+                         f"({gib:,.3g} GiB as {dtype}), over the limit of {limit:,} elements per tensor; "
+                         f"{hint or 'give smaller input shapes (--input-shape)'}, or raise "
+                         "QCOMPILE_MAX_TENSOR_ELEMENTS if the machine really has the memory")
+
+
+def check_graph_sizes(graph: Graph) -> None:
+    """:func:`check_tensor_size` for every input, computed value and constant of ``graph`` (inputs
+    first, then in node order, naming the producing node)."""
+    for name in graph.inputs:
+        t = graph.types[name]
+        check_tensor_size(f"input '{name}'", t.shape, t.dtype)
+    for node in graph.nodes:
+        for out in node.outputs:
+            if out in graph.types:
+                t = graph.types[out]
+                check_tensor_size(f"value '{out}' (output of node '{node.name}', {node.op})", t.shape, t.dtype)
+
+
 def parse_input_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
-    """``["x=1x3x48x192"]`` -> ``{"x": (1, 3, 48, 192)}``."""
+    """``["x=1x3x48x192"]`` -> ``{"x": (1, 3, 48, 192)}`` (ShapeError for a shape over
+    :func:`max_tensor_elements`)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for item in items or ():
         name, sep, dims = item.partition("=")
@@ -50,11 +95,14 @@ def parse_input_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]
             if not sep or not name:
                 raise ValueError
             shape = tuple(int(d) for d in dims.lower().split("x"))
-            if any(d <= 0 for d in shape):
-                raise ValueError
         except ValueError:
             raise InputError(f"bad --input-shape '{item}': expected NAME=D1xD2x... with positive integers, "
                              "e.g. x=1x3x48x192") from None
+        bad = [k for k, d in enumerate(shape) if d <= 0]
+        if bad:
+            raise InputError(f"bad --input-shape '{item}': dimension {bad[0]} is {shape[bad[0]]}; every dimension "
+                             "must be a positive integer, e.g. x=1x3x48x192")
+        check_tensor_size(f"--input-shape {name}", shape)
         shapes[name] = shape
     return shapes
 
@@ -221,6 +269,7 @@ def load_model(spec: str, input_shapes: dict[str, tuple[int, ...]] | None = None
         loaded = _load_torch_spec(spec, input_shapes, num_calibration)
     else:
         raise ModelLoadError(f"model '{spec}' is neither an existing .onnx file nor 'module:factory'")
+    check_graph_sizes(loaded.graph)  # before any feed is allocated
     if calibration is not None:
         loaded.calibration = feeds_from_samples(loaded.graph, load_calibration_file(calibration),
                                                 limit=num_calibration)

@@ -2,21 +2,31 @@
 
 :func:`load_onnx` runs these steps, each failing with a named error:
 
-1. **read** (:func:`read_onnx`): the file must exist and parse as an ONNX
-   protobuf; external-data locations must be relative and stay inside the
-   model's folder (checked *before* anything is read from them); the model must
-   pass ``onnx.checker.check_model(full_check=True)``.  Failures are
+1. **read** (:func:`read_onnx`): the file must exist, be non-empty and parse as
+   an ONNX protobuf (a torch checkpoint or pickle is recognised by its header
+   and named as such; nothing is ever unpickled); no constant may *declare*
+   more elements than :func:`qcompile.frontends.max_tensor_elements`
+   (ShapeError, checked on dims before any data is read); external-data
+   locations must be relative, stay inside the model's folder and hold exactly
+   the bytes the tensor declares (checked on file sizes *before* anything is
+   read from them); the model must pass
+   ``onnx.checker.check_model(full_check=True)``.  Failures are
    :class:`ModelLoadError` naming the file and the cause.
 2. **opsets**: a node outside the default ONNX domain (e.g. ``com.microsoft``)
-   is an :class:`UnsupportedOpError` naming it; default-domain opsets below 13
-   are upgraded with ``onnx.version_converter``.
+   is an :class:`UnsupportedOpError` naming it; a default-domain opset newer
+   than the installed onnx knows or older than :data:`OLDEST_OPSET` is a
+   ModelLoadError naming it; opsets below 13 are upgraded with
+   ``onnx.version_converter``.
 3. **static shapes**: declared-dynamic input dimensions are specialised to
    ``input_shapes`` (:class:`ShapeError` naming the input when a dynamic dim is
    left, a given shape contradicts the model, or an unknown input is named).
    Initializers that are also listed as graph inputs are constants.
 4. **folding**: ``onnx.shape_inference.infer_shapes(strict_mode=True,
-   data_prop=True)`` checks the specialised shapes (ShapeError naming them);
-   then ``onnxscript.optimizer.fold_constants_ir`` and a fixed set of *exact*
+   data_prop=True)`` checks the specialised shapes (ShapeError naming them),
+   and no inferred value may exceed ``max_tensor_elements`` (ShapeError naming
+   the value and its node: an Expand / Resize / ConstantOfShape to a huge
+   shape fails before anything folds or runs it); then
+   ``onnxscript.optimizer.fold_constants_ir`` and a fixed set of *exact*
    onnxscript rewrite rules (no-op removal, Pad-into-Conv, shape
    materialisation; see :func:`_exact_rewrite_rules`), iterated to a fixed
    point, fold everything that became constant: shape subgraphs
@@ -54,6 +64,10 @@ from qcompile.ir.graph import Graph, TensorType
 
 MIN_OPSET = 13
 """Default-domain opset the importer works at; older models are upgraded to it."""
+OLDEST_OPSET = 7
+"""Oldest default-domain opset accepted: onnxruntime, which runs the original file as the reference
+every artifact is verified against, implements nothing older (ONNX's version converter does not
+reliably upgrade it either)."""
 
 FOLD_INPUT_SIZE_LIMIT = 1 << 22
 """Largest constant input (elements) the folder evaluates (e.g. a weight transpose)."""
@@ -85,14 +99,34 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _all_tensors(sub)
 
 
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _data_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes the declared dims and type of ``t`` need as raw data (None: variable-size, e.g. strings)."""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    if t.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    except Exception:  # noqa: BLE001 - an unknown or undefined data type: the checker names it
+        return None
+    return None if dtype.kind == "O" else n * dtype.itemsize
+
+
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
     """Refuse external-data locations that are absolute or resolve outside the model's folder
-    (symlinks resolved), and missing external-data files.  Reads no tensor data."""
+    (symlinks resolved), missing external-data files, and external data whose size (``length``, or
+    the file's size past ``offset``) is not what the tensor's declared dims and type need: checked
+    on file sizes, so nothing is read and no declared size is allocated."""
     base = path.parent.resolve()
     for t in _all_tensors(model.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        loc = {e.key: e.value for e in t.external_data}.get("location", "")
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
         if not loc:
             raise ModelLoadError(f"'{path}': tensor '{t.name}' is marked external but names no location")
         target = (base / loc).resolve()
@@ -101,6 +135,55 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
                                  f"the model's folder '{base}'; refusing to read it")
         if not target.is_file():
             raise ModelLoadError(f"'{path}': external data file '{loc}' for tensor '{t.name}' is missing")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise ModelLoadError(f"'{path}': tensor '{t.name}' has a non-integer external data offset/length "
+                                 f"({info.get('offset')!r}, {info.get('length')!r})") from None
+        available = target.stat().st_size - offset
+        if offset < 0 or (length is not None and (length < 0 or length > available)):
+            raise ModelLoadError(f"'{path}': tensor '{t.name}' asks for {length if length is not None else 'the'} "
+                                 f"bytes at offset {offset} of '{loc}', which holds {target.stat().st_size} bytes")
+        need, have = _data_bytes(t), (length if length is not None else available)
+        if need is not None and have != need:
+            dims = "x".join(str(int(d)) for d in t.dims) or "scalar"
+            raise ModelLoadError(f"'{path}': tensor '{t.name}' declares shape {dims} ({need:,} bytes of data) but "
+                                 f"its external data in '{loc}' is {have:,} bytes; the model and its data file do "
+                                 "not belong together (truncated or replaced file?)")
+
+
+def _sniff(path: Path) -> str:
+    """What a file that is not an ONNX protobuf looks like, from its first bytes ("" if unknown).
+    Never unpickles anything: a torch checkpoint is recognised by its zip / pickle header only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    if head.startswith(b"PK\x03\x04") and (b"data.pkl" in head or b"/data/" in head or b"version" in head):
+        return ("it looks like a zipped torch checkpoint (torch.save); qcompile never unpickles files: give "
+                "`module:factory` or export the model to ONNX")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return ("it looks like a Python pickle (a torch checkpoint?); qcompile never unpickles files: give "
+                "`module:factory` or export the model to ONNX")
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip archive, not an ONNX protobuf"
+    return ""
+
+
+def _check_constant_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """ShapeError naming the tensor when a constant's *declared* dims exceed
+    :func:`qcompile.frontends.max_tensor_elements`: checked on the dims alone, before the checker or
+    anything else reads (or allocates) its data, which may not even be there."""
+    from qcompile.frontends import check_tensor_size
+
+    for t in _all_tensors(model.graph):
+        try:
+            check_tensor_size(f"constant '{t.name}'", list(t.dims), _ELEM.get(t.data_type, "float32"),
+                              hint="the model declares a weight larger than qcompile accepts")
+        except ShapeError as e:
+            raise ShapeError(f"'{path}': {e}") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -116,13 +199,17 @@ def read_onnx(path: str | Path) -> onnx.ModelProto:
         raise ModelLoadError(f"ONNX file '{path}' does not exist")
     if not path.is_file():
         raise ModelLoadError(f"'{path}' is not a file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"ONNX file '{path}' is empty (0 bytes)")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf / OS errors come in several types
-        raise ModelLoadError(f"'{path}' is not a readable ONNX model (truncated or corrupt?): "
+        raise ModelLoadError(f"'{path}' is not a readable ONNX model ({_sniff(path) or 'truncated or corrupt?'}): "
                              f"{type(e).__name__}: {_first_line(e)}") from e
     if not model.graph.node and not model.graph.output:
-        raise ModelLoadError(f"'{path}' parsed as an empty ONNX model (not an ONNX file, or truncated)")
+        raise ModelLoadError(f"'{path}' parsed as an empty ONNX model "
+                             f"({_sniff(path) or 'not an ONNX file, or truncated'})")
+    _check_constant_sizes(model, path)
     _check_external_data(model, path)
     has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
     try:
@@ -152,6 +239,23 @@ def _reject_foreign_domains(model: onnx.ModelProto) -> None:
                                      "only standard ONNX (default domain) operators are supported; export the "
                                      "model without vendor-specific fusions (e.g. before onnxruntime's "
                                      "transformer optimizer)", frontend="onnx")
+
+
+def _check_opset(model: onnx.ModelProto, opset: int, path: Path) -> None:
+    """ModelLoadError naming the opset when it is newer than this onnx release knows (onnxruntime
+    follows it) or older than :data:`OLDEST_OPSET`, or when no default-domain opset is imported."""
+    newest = onnx.defs.onnx_opset_version()
+    if not any(o.domain in _DEFAULT_DOMAINS for o in model.opset_import):
+        raise ModelLoadError(f"'{path}' imports no default-domain ONNX opset (opset_import has "
+                             f"{[o.domain for o in model.opset_import]}); re-export it as standard ONNX")
+    if opset > newest:
+        raise ModelLoadError(f"'{path}' uses ONNX opset {opset}, newer than the newest this installation "
+                             f"supports (opset {newest}, onnx {onnx.__version__}); re-export it with "
+                             f"opset <= {newest}")
+    if opset < OLDEST_OPSET:
+        raise ModelLoadError(f"'{path}' uses ONNX opset {opset}, older than the oldest supported (opset "
+                             f"{OLDEST_OPSET}: onnxruntime, which runs the original model for verification, "
+                             f"implements nothing older); re-export it with opset >= {MIN_OPSET}")
 
 
 def _upgrade_opset(model: onnx.ModelProto, opset: int, path: Path) -> onnx.ModelProto:
@@ -287,6 +391,26 @@ def _check_shapes(model: onnx.ModelProto, path: Path, shapes: dict[str, tuple]) 
     except Exception as e:  # noqa: BLE001 - InferenceError and friends
         raise ShapeError(f"'{path}': the input shapes ({_fmt_shapes(shapes)}) are inconsistent with the model: "
                          f"{_first_line(e)}") from e
+
+
+def _check_value_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """ShapeError (naming the value and its node) for any input or inferred value over
+    :func:`qcompile.frontends.max_tensor_elements`, before folding or any feed allocates it."""
+    from qcompile.frontends import check_tensor_size
+
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    for kind, values in (("input", model.graph.input), ("value", model.graph.value_info),
+                         ("output", model.graph.output)):
+        for vi in values:
+            tt = vi.type.tensor_type
+            if not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim):
+                continue
+            where = f" (output of node '{producer[vi.name]}')" if vi.name in producer else ""
+            dtype = _ELEM.get(tt.elem_type, "float32")
+            try:
+                check_tensor_size(f"{kind} '{vi.name}'{where}", [d.dim_value for d in tt.shape.dim], dtype)
+            except ShapeError as e:
+                raise ShapeError(f"'{path}': {e}") from None
 
 
 def _fmt_shapes(shapes: dict[str, tuple]) -> str:
@@ -1122,6 +1246,7 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     model = read_onnx(path)
     _reject_foreign_domains(model)
     opset = _default_opset(model)
+    _check_opset(model, opset, path)
     # Upsample / Resize-10 are asymmetric; the version converter's Resize-11 drops that (half_pixel default)
     legacy_resize = {n.output[0] for n in model.graph.node if n.op_type in ("Upsample", "Resize")} \
         if opset < 11 else set()
@@ -1129,6 +1254,7 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     shapes = _specialise_inputs(model, dict(input_shapes or {}))
     _name_nodes(model)
     model = _check_shapes(model, path, shapes)
+    _check_value_sizes(model, path)
     model = _fold_constants(model, path)
     from qcompile.frontends.onnx_fusions import fuse_onnx  # imports onnxscript's rewriter: only when loading
 

@@ -1,6 +1,7 @@
 """``qcompile search``: search, check the finalists, compile the chosen point — one call.
 
-1. load the model and its calibration feeds; ``fold-bn,dead-code``; build the per-layer space;
+1. load the model and its calibration feeds; ``fold-bn,dead-code``; build the per-layer space (pruned
+   models, fine-tuned first with ``prune_finetune_epochs``);
 2. NSGA-II over the space with per-layer latencies measured on the target (:func:`~qcompile.search.nsga.search`);
    an infeasible budget stops here with the search's message (nothing written);
 3. finalists: validation accuracy and end-to-end latency measured (:mod:`qcompile.search.finalists`);
@@ -40,6 +41,7 @@ class SearchSettings:
     rounds: int = 5
     finetune_epochs: int = 0  # > 0: fine-tune checked points that miss the accuracy drop (finalists.recover)
     finetune_points: int = 4
+    prune_finetune_epochs: int = 0  # > 0: every pruned model is fine-tuned this long before per-layer choices
     threads: int | None = None  # runtime threads of every timing (None: every usable core)
     space_options: dict = field(default_factory=dict)
 
@@ -105,11 +107,26 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
     space_kw = dict(bits=settings.bits, ranks_per_layer=settings.ranks_per_layer, **settings.space_options)
     if tuple(settings.prune_ratios) != (1.0,):
         space_kw["prune_ratios"] = tuple(settings.prune_ratios)
+        if settings.prune_finetune_epochs > 0:
+            from qcompile.passes.finetune import FinetuneOptions
+
+            say(f"pruning at {', '.join(f'{r:g}' for r in settings.prune_ratios if r < 1)} of the MACs, each pruned "
+                f"model fine-tuned for up to {settings.prune_finetune_epochs} epochs on {data.name}")
+            space_kw.update(prune_finetune=FinetuneOptions(data=data.name, epochs=settings.prune_finetune_epochs),
+                            teacher=loaded.graph)
     space = SearchSpace(graph, loaded.calibration, **space_kw)
     say(f"search space: {len(space.layers)} layers, {space.size} (layer, configuration) pairs; target {target}")
-    result = search(graph, loaded.calibration, backend=target, budget=settings.budget, pop_size=settings.pop_size,
-                    generations=settings.generations, seed=settings.seed, use_predictor=settings.use_predictor,
-                    cache=LatencyCache(target, threads=settings.threads), space=space)
+    from qcompile.progress import enabled as bars_enabled
+
+    ticker = _Ticker(say, bar=progress is stderr_progress and bars_enabled()) if progress else None
+    try:
+        result = search(graph, loaded.calibration, backend=target, budget=settings.budget,
+                        pop_size=settings.pop_size, generations=settings.generations, seed=settings.seed,
+                        use_predictor=settings.use_predictor, cache=LatencyCache(target, threads=settings.threads),
+                        space=space, progress=ticker)
+    finally:
+        if ticker:
+            ticker.close()
     say(f"search: {result.evaluations} evaluations, {result.pairs_measured}/{result.space_size} pairs measured "
         f"({result.measurements} timed, rest cached), {result.wall_s:.1f} s — {result.message}")
     if not result.feasible:
@@ -133,6 +150,7 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
                        "generations": settings.generations, "seed": settings.seed,
                        "use_predictor": settings.use_predictor, "finetune_epochs": settings.finetune_epochs,
                        "finetune_points": settings.finetune_points,
+                       "prune_finetune_epochs": settings.prune_finetune_epochs,
                        "threads": settings.threads}
     if data.test is not None:
         from qcompile.finetune import accuracy
@@ -155,6 +173,34 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
 
 def stderr_progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+class _Ticker:
+    """Per-generation progress of the search: a transient ``rich`` bar when stderr is a terminal
+    (:func:`qcompile.progress.enabled`), else one plain line per generation through ``say`` (bounded by
+    --generations: no bar redraws in CI logs)."""
+
+    def __init__(self, say: Progress, bar: bool):
+        self.say, self.bar, self.task = say, None, None
+        if bar:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+            self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           console=Console(stderr=True), transient=True)
+
+    def __call__(self, done: int, total: int, text: str) -> None:
+        if self.bar is None:
+            self.say(text)
+            return
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task(text, total=total)
+        self.bar.update(self.task, completed=done, description=text)
+
+    def close(self) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.stop()
 
 
 __all__: Sequence[str] = ("SearchSettings", "parse_budget", "search_and_compile")

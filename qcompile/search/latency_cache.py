@@ -25,12 +25,12 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Hashable, Iterator, Mapping
 
+from qcompile.cache import atomic_write
 from qcompile.ir.graph import Graph
 
 VERSION = 1
@@ -156,16 +156,7 @@ class LatencyCache:
             merged.update(new)
             self.entries = {**merged, **self.entries}
             doc = {"version": VERSION, "backend": self.backend, "entries": merged}
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f, indent=1, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True))
 
     # ------------------------------------------------------------------ measuring
     def measure(self, graphs: Mapping[Hashable, Graph]) -> dict[Hashable, float]:

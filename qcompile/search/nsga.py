@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -200,12 +200,15 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
            use_predictor: bool = True, predictor: str = "ridge", seed_measurements: int = 4,
            measure_per_generation: int = 4, final_points: int = 12, anchor: bool = True,
            cache: LatencyCache | None = None, space: SearchSpace | None = None, prepare: bool = True,
-           **space_options) -> SearchResult:
+           progress: Callable[[int, int, str], None] | None = None, **space_options) -> SearchResult:
     """Pareto front of (proxy error, latency, weight bytes) over prune ratios and per-layer configurations
     of ``graph``.
 
     ``prepare`` runs ``fold-bn,dead-code`` first (so batch norms are inside the layers' weights);
     ``space_options`` go to :class:`~qcompile.search.space.SearchSpace` (e.g. ``prune_ratios``).
+    ``progress(done, total, text)`` is called before the first measurements (done 0) and after every
+    generation.  A memory budget below the smallest weight bytes any point can reach is refused before
+    anything is measured (an infeasible result, like any other).
     """
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator
@@ -227,6 +230,19 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
     cache = cache or LatencyCache(backend)
     hits0, misses0 = cache.hits, cache.misses
     baseline: list[Pair] = [(la.name, FP32, 1.0) for la in space.layers]  # the unpruned all-fp32 model
+    tick = progress or (lambda done, total, text: None)
+    if budget.memory is not None:  # weight bytes are known without measuring: an impossible budget fails fast
+        base_bytes = space.other_bytes(1.0) + sum(space.weight_bytes(*p) for p in baseline)
+        floor = _memory_floor(space)
+        if floor / base_bytes > budget.memory:
+            message = (f"infeasible: memory budget {budget.memory:g}x of the original weight bytes cannot be met: "
+                       f"the smallest any point reaches is {floor / base_bytes:.3g}x (floor {floor:,.0f} of "
+                       f"{base_bytes:,.0f} bytes; nothing was measured)")
+            return SearchResult([], False, message, budget, backend, baseline_latency_s=0.0, baseline_bytes=base_bytes,
+                                measurements=0, space_size=space.size,
+                                cache={"hits": 0, "misses": 0, "path": str(cache.path)},
+                                wall_s=time.perf_counter() - t0, best={"memory_ratio": floor / base_bytes})
+    tick(0, generations, f"measuring the baseline and seed layers on {backend}")
     ev = _Evaluator(space, cache, LatencyPredictor(predictor) if use_predictor else None, baseline)
     rng = np.random.default_rng(seed)  # the first population: the same with and without the predictor
     pick_rng = np.random.default_rng([seed, 1])  # the predictor's seed measurements
@@ -294,6 +310,9 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
             if todo:
                 ev.measure(todo)
                 refresh()
+        feasible_now = sum(1 for p in archive.values() if max(_violations(p, budget)) <= 0)
+        tick(gens, generations, f"generation {gens}/{generations}: {len(archive)} models evaluated, "
+                                f"{feasible_now} within budget, {len(ev.known)}/{space.size} pairs measured")
 
     # finalists: measure what up to final_points non-dominated points (spread over latency) use, until
     # those are fully measured; measuring every pair of a large front would save nothing (benchmarks/search.py)
@@ -320,6 +339,14 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
                         cache.misses - misses0, space.size, len(ev.known),
                         {"hits": cache.hits - hits0, "misses": cache.misses - misses0, "path": str(cache.path)},
                         len(ev.errors), gens, time.perf_counter() - t0, best, dict(ev.scales))
+
+
+def _memory_floor(space: SearchSpace) -> float:
+    """The fewest weight bytes any point of ``space`` has: per prune ratio, every layer's smallest
+    configuration plus the other constants."""
+    return min(space.other_bytes(r) + sum(min(space.weight_bytes(la.name, c, r)
+                                              for c in space.layer(la.name, r).choices) for la in space.layers)
+               for r in space.prune_ratios)
 
 
 def _message(front: list[Point], budget: Budget, best: dict, ev: _Evaluator, space: SearchSpace,

@@ -17,6 +17,11 @@ same graph with the same calibration feeds reproduces the pruned model exactly. 
 most ``r`` of the conv/linear MACs with one keep ratio for every channel group, in multiples of its
 ``multiple``, so on a small model neighbouring ratios may prune to the same model
 (:attr:`SearchSpace.prune_stats` has the MAC ratio each reached).  Layer names survive pruning.
+With ``prune_finetune`` (fine-tune options) every pruned model is recovered right after pruning by
+the ``finetune`` pass (distillation from ``teacher``, the model before ``fold-bn``, so that replaying
+``fold-bn,dead-code,prune-channels{...},finetune{...}`` from the loaded model gives the same weights):
+pruning then happens *before* the per-layer choices, and the proxy and the accuracy checks see the
+recovered model instead of one that lost most of its accuracy to the cut.
 
 With more than one ratio a genome starts with the ratio's index in ``prune_ratios`` (sorted,
 largest first), followed by one choice index per layer.  Choices are stated for the *unpruned*
@@ -88,7 +93,8 @@ class SearchSpace:
     def __init__(self, graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]] | None = None, *,
                  bits: Sequence[int] = (8, 4), ranks_per_layer: int = 2, tucker_bits: Sequence[int] = (32, 8),
                  act_bits: int = 8, multiple: int = 8, layers: str = "*", exclude: str = "",
-                 prune_ratios: Sequence[float] = (1.0,), prune_criterion: str = "magnitude"):
+                 prune_ratios: Sequence[float] = (1.0,), prune_criterion: str = "magnitude",
+                 prune_finetune=None, teacher: Graph | None = None):
         ratios = sorted({float(r) for r in prune_ratios}, reverse=True)
         if not ratios or not all(0 < r <= 1 for r in ratios):
             raise ValueError(f"prune_ratios are MAC fractions in (0, 1], got {tuple(prune_ratios)}")
@@ -98,6 +104,7 @@ class SearchSpace:
         self.multiple = multiple
         self.prune_ratios = tuple(ratios)
         self.prune_criterion = prune_criterion
+        self.prune_finetune, self.teacher = prune_finetune, teacher
         self._steps: dict[tuple[str, tuple[int, int]], list[L.Step]] = {}
         self._layer_graphs: dict[tuple[str, LayerConfig], Graph] = {}
         self.layers: list[Layer] = []
@@ -119,7 +126,8 @@ class SearchSpace:
         from qcompile.passes import PassManager, parse_pipeline
 
         pm = PassManager(parse_pipeline(self.prune_pipeline(ratio)))
-        pruned = SearchSpace(pm.run(self.graph, PassContext(calibration=self.calibration or None)), self.calibration,
+        ctx = PassContext(calibration=self.calibration or None, original=self.teacher)
+        pruned = SearchSpace(pm.run(self.graph, ctx), self.calibration,
                              bits=(), ranks_per_layer=0, **options)
         if [la.name for la in pruned.layers] != [la.name for la in self.layers]:
             raise RuntimeError(f"prune-channels (macs={ratio}) changed the searched layers: "
@@ -161,13 +169,20 @@ class SearchSpace:
 
     # ------------------------------------------------------------------ access
     def prune_pipeline(self, ratio: float) -> str:
-        """The pipeline text that prunes ``graph`` as this space does at ``ratio`` ("" for 1.0); run it with
-        the space's calibration feeds in the pass context to reproduce the pruned model exactly."""
+        """The pipeline text that prunes ``graph`` as this space does at ``ratio`` ("" for 1.0), followed by
+        its recovery fine-tune when the space has one; run it with the space's calibration feeds in the pass
+        context (and the loaded model as the pipeline's input, the fine-tune's teacher) to reproduce the
+        pruned model."""
         if ratio >= 1.0:
             return ""
         from qcompile.passes.pipeline import format_value
 
-        return f"prune-channels{{macs={format_value(float(ratio))},criterion={format_value(self.prune_criterion)}}}"
+        text = f"prune-channels{{macs={format_value(float(ratio))},criterion={format_value(self.prune_criterion)}}}"
+        if self.prune_finetune is not None:
+            from qcompile.passes.finetune import Finetune
+
+            text += "," + Finetune(self.prune_finetune).to_text()
+        return text
 
     def _at(self, ratio: float) -> "SearchSpace":
         """The space whose ``graph`` is the model pruned at ``ratio`` (this one for 1.0)."""
