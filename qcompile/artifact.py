@@ -81,8 +81,9 @@ def tool_versions() -> dict[str, str]:
 def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``out`` on success.
 
-    ``out`` must not exist unless ``force``; on any exception the temporary
-    directory is removed and ``out`` is untouched.
+    ``out`` must not exist unless ``force``; on any exception (KeyboardInterrupt included, also one
+    that arrives between moving an old ``out`` aside and renaming the new one into place) the
+    temporary directory is removed and ``out`` is as it was.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -98,10 +99,17 @@ def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException:
+        # an interrupt (or error) between the two renames: put the old artifact back, drop the new one
+        if old is not None and old.exists() and not out.exists():
+            os.rename(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from qcompile.cache import atomic_write
 from qcompile.frontends import LoadedModel, load_model
 from qcompile.passes import PassContext, PassManager, parse_pipeline
 from qcompile.factorize.layers import chain_graph
@@ -246,9 +247,7 @@ def run_benchmark(specs: Sequence[str], backends: Sequence[str], variants: Mappi
         result = {"machine": machine(), "reference": reference, "rounds": rounds, "number": number,
                   "threads": threads or len(os.sched_getaffinity(0)), "complete": complete,
                   "rows": [asdict(r) for r in rows]}
-        tmp = out_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out_dir / "results.json")
+        atomic_write(out_dir / "results.json", json.dumps(result, indent=2))
 
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=total)

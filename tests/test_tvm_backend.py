@@ -7,7 +7,6 @@ models are held to a relative error max|y - y_ref| / max|y_ref| <= 1e-4.
 """
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from graphs import feeds, resnet_block_graph
 from qcompile.backends.tvm.backend import TvmBackend
 from qcompile.cli import main
 from qcompile.frontends.torch_frontend import load_torch
-from qcompile.passes import PassManager, parse_pipeline
 from qcompile.passes.manager import run_reference, within_fp32_tolerance
 
 RTOL, ATOL_REL = 1e-4, 1e-5
@@ -145,14 +143,6 @@ def test_cli_arm64_artifact_verified_over_rpc(arm_board, tmp_path):
     assert m["verification"]["within_fp32_tolerance"] and m["verification"]["feeds"] == 4
     header = (out / "model.so").read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
-
-
-def test_arm64_without_board_names_the_fix(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("QCOMPILE_RPC", raising=False)
-    monkeypatch.delenv("QCOMPILE_RPC_TRACKER", raising=False)
-    assert main(["compile", "qcompile.models.digits:digits_cnn", "-t", "tvm-arm64", "-o", str(tmp_path / "o")]) == 2
-    assert "QCOMPILE_RPC" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
 
 
 def test_tuning_database_is_reused_by_a_second_compile(tmp_path, monkeypatch, capsys):

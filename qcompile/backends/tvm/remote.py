@@ -38,6 +38,10 @@ def rpc_session():
 
     direct = os.environ.get("QCOMPILE_RPC")
     tracker = os.environ.get("QCOMPILE_RPC_TRACKER")
+    for var, value in (("QCOMPILE_RPC", direct), ("QCOMPILE_RPC_TRACKER", tracker)):
+        host, sep, port = (value or "").rpartition(":")
+        if value and not (sep and host and port.isdigit()):
+            raise TargetError(f"{var}={value!r} is not host:port (e.g. 127.0.0.1:9190)")
     try:
         if direct:
             host, port = direct.rsplit(":", 1)
