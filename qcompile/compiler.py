@@ -23,6 +23,7 @@ input model as ONNX + traceback + replay script) is written to ``repro_dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -149,19 +150,32 @@ def _reproduce(loaded: LoadedModel, pipeline: str, target: str, opts: CompileOpt
 
 def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOptions, *,
                    extra_files: Mapping[str, bytes] | None = None,
-                   extra_manifest: Mapping[str, Any] | None = None) -> CompileResult:
+                   extra_manifest: Mapping[str, Any] | None = None, prebuilt: tuple | None = None) -> CompileResult:
     """Run ``passes`` (the user's pipeline followed by the target's phases) on an already loaded model,
     build, verify and write ``out`` atomically (what ``compile`` does after loading; ``finetune``
     calls it with its training step in the pipeline, ``search`` with its chosen point).
 
     ``extra_files`` (relative path -> bytes, e.g. a search's front) are written into the same atomic
-    directory and hashed in the manifest's file table; ``extra_manifest`` adds top-level manifest keys."""
+    directory and hashed in the manifest's file table; ``extra_manifest`` adds top-level manifest keys.
+    ``prebuilt`` = (graph, pass records): the user's pipeline already ran and produced ``graph`` (a search's
+    chosen point, whose fine-tune must not run a second time): only ``passes`` (the target's phases) run
+    on it, and the manifest's pipeline is the records' texts followed by them."""
     graph_in = loaded.graph
     ctx = PassContext(calibration=loaded.calibration, instruments=list(opts.instruments),
                       verify_numerics=opts.verify_each_pass, rtol=FP32_RTOL, atol_rel=FP32_ATOL_REL)
     pm = PassManager(passes)
-    graph = pm.run(graph_in, ctx)
-    exact = all(p.exact for p in passes)
+    if prebuilt is None:
+        graph = pm.run(graph_in, ctx)
+        records, text = pm.records, pm.text
+        exact = all(p.exact for p in passes)
+    else:  # the user's pipeline already ran (e.g. a search's chosen point): only ``passes`` remain
+        from qcompile.passes import PASSES
+
+        built, done = prebuilt
+        graph = pm.run(built, dataclasses.replace(ctx, original=graph_in))
+        records = [*done, *pm.records]
+        text = ",".join([r.text for r in done] + ([pm.text] if passes else []))
+        exact = all(PASSES[r.name].exact for r in done) and all(p.exact for p in passes)
     quantized = any(n.op == "quantize_linear" for n in graph.nodes)
     backend = tgt.backend
     reference = run_feeds(loaded.reference, loaded.calibration)
@@ -177,7 +191,7 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
             "format": "qcompile-artifact/1",
             "source": {"spec": loaded.spec, **graph_in.meta.get("source", {}),
                        **{k: graph_in.meta[k] for k in ("input_shapes", "fusions") if k in graph_in.meta}},
-            "pipeline": pm.text,
+            "pipeline": text,
             "target": {**tgt.as_dict(), "options": dict(opts.backend_options)},
             "backend": backend.name,
             "inputs": _io(graph, graph.inputs),
@@ -189,7 +203,7 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
                 "feeds": len(loaded.calibration),
                 **checked,
             },
-            "passes": [{k: v for k, v in r.as_dict().items() if k != "seconds"} for r in pm.records],
+            "passes": [{k: v for k, v in r.as_dict().items() if k != "seconds"} for r in records],
             "costs": {"before": totals(graph_costs(graph_in)), "after": totals(graph_costs(graph))},
             "layers": _layers(graph),
             "versions": {**tool_versions(), **backend.versions()},
@@ -202,7 +216,7 @@ def compile_loaded(loaded: LoadedModel, passes, tgt, out: Path, opts: CompileOpt
         files += _write_files(tmp, build_report(manifest, graph_in, graph))  # report.md/.html + plot, hashed too
         manifest["files"] = file_table(tmp, files)
         write_json(tmp / MANIFEST, manifest)
-    return CompileResult(out, manifest, pm.records)
+    return CompileResult(out, manifest, records)
 
 
 def _write_files(directory: Path, contents: Mapping[str, bytes]) -> list[str]:

@@ -5,7 +5,8 @@
 2. NSGA-II over the space with per-layer latencies measured on the target (:func:`~qcompile.search.nsga.search`);
    an infeasible budget stops here with the search's message (nothing written);
 3. finalists: validation accuracy and end-to-end latency measured (:mod:`qcompile.search.finalists`);
-4. the chosen point is compiled for the target by its replay pipeline (verified like every artifact) into
+4. the chosen point -- the graph the finalists were measured on, its pipeline text recorded for replay -- is
+   compiled for the target (verified like every artifact) into
    ``out``, together with ``search/search.json`` (budget, measurement counts, front, finalists, choice, test
    accuracy of the choice) and ``search/front.png``, all in one atomic directory.
 """
@@ -162,8 +163,10 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
         f"speed-up over onnxruntime fp32 on the original {chosen.speedup_vs_onnxruntime:.2f}x")
     files = {"search/search.json": (json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n").encode(),
              "search/front.png": F.plot_front(result, finalists, chosen, base_acc, front_acc)}
-    passes = parse_pipeline(chosen.pipeline) + parse_pipeline(",".join(tgt.phases))
-    compile_loaded(loaded, passes, tgt, out, CompileOptions(force=force),
+    # the artifact is the very graph the finalist stage measured (no second fine-tune), then the target's phases
+    prebuilt = (chosen.graph, chosen.records) if chosen.graph is not None and chosen.records else None
+    passes = ([] if prebuilt else parse_pipeline(chosen.pipeline)) + parse_pipeline(",".join(tgt.phases))
+    compile_loaded(loaded, passes, tgt, out, CompileOptions(force=force), prebuilt=prebuilt,
                    extra_files=files, extra_manifest={"search": {
                        "file": "search/search.json", "chosen": chosen.pipeline, "accuracy": chosen.accuracy,
                        "acc_drop": chosen.acc_drop, "latency_ratio": chosen.latency_ratio,

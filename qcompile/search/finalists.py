@@ -53,9 +53,10 @@ class Finalist:
     speedup_vs_onnxruntime: float  # original on onnxruntime fp32 / this point on the target
     misses: list[str]
     graph: Any = field(default=None, repr=False, compare=False)  # the built IR (single-model searches)
+    records: list = field(default_factory=list, repr=False, compare=False)  # the PassRecords that built it
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("graph", "records")}
 
     @property
     def qualifies(self) -> bool:
@@ -106,8 +107,9 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
     checked = pick(result.front, max_points)
     for k, p in enumerate(checked):
         text = point_pipeline(space, p)
-        g = PassManager(parse_pipeline(text)).run(loaded.graph, ctx)
-        built[id(p)] = (text, g, accuracy(g, images, labels))
+        pm = PassManager(parse_pipeline(text))
+        g = pm.run(loaded.graph, ctx)
+        built[id(p)] = (text, g, accuracy(g, images, labels), pm.records)
         if progress and (k + 1) % 5 == 0:
             progress(f"validation accuracy of front point {k + 1}/{len(checked)}")
     if finetune is not None:
@@ -134,7 +136,7 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
         [built[id(p)][0] for p in chosen], [built[id(p)][2] for p in chosen], base_acc, result.budget,
         rounds=rounds, number=number, clock=timing_clock(target, threads))
     for f, p in zip(out, chosen):
-        f.graph = built[id(p)][1]
+        f.graph, f.records = built[id(p)][1], list(built[id(p)][3])
     return out, base_acc, timing, front_acc
 
 
@@ -144,20 +146,27 @@ def recover(built: dict, checked: Sequence[Point], loaded: LoadedModel, ctx, ima
     ``max_acc_drop``, spread over their predicted latency (the fastest always: the fastest points are
     often the hardest to recover, e.g. pruned *and* int4, so the others are not all its neighbours); a
     fine-tune that does not improve keeps the point as it was."""
+    import time
+
     from qcompile.finetune import accuracy
+    from qcompile.passes.manager import PassRecord
     from qcompile.passes.finetune import Finetune
 
     missing = pick([p for p in checked if base_acc - built[id(p)][2] > max_acc_drop], points) if points > 0 else []
     for k, p in enumerate(missing):
-        text, graph, acc = built[id(p)]
+        text, graph, acc, records = (*built[id(p)], [])[:4]
         tune = Finetune(options, teacher=loaded.graph, progress=False)
-        tuned = tune(graph, ctx).graph
+        t0 = time.perf_counter()
+        res = tune(graph, ctx)
+        tuned = res.graph
+        record = PassRecord(tune.name, tune.to_text(), time.perf_counter() - t0, res.modified, len(graph.nodes),
+                            len(tuned.nodes), stats=dict(res.stats))
         tuned_acc = accuracy(tuned, images, labels)
         if progress:
             progress(f"fine-tuned front point {k + 1}/{len(missing)}: validation accuracy {acc:.2f} -> "
                      f"{tuned_acc:.2f} % ({p.latency_ratio:.3g}x predicted latency)")
         if tuned_acc > acc:
-            built[id(p)] = (f"{text},{tune.to_text()}", tuned, tuned_acc)
+            built[id(p)] = (f"{text},{tune.to_text()}", tuned, tuned_acc, [*records, record])
 
 
 def time_finalists(chosen: Sequence[Point], runs: Sequence, original_target, original_onnxruntime,
