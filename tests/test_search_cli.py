@@ -130,3 +130,27 @@ def test_no_front_point_within_the_accuracy_drop_is_an_error(digits, tmp_path):
     x, y = load_training_data("digits").val
     with pytest.raises(SearchError, match="no point of the front keeps the accuracy within -1 pt"):
         F.evaluate(m, space, result, "onnxruntime", x, y, max_acc_drop=-1.0)
+
+
+def test_pruned_models_are_fine_tuned_once_before_the_search(tmp_path, monkeypatch, capsys):
+    """``--prune-finetune-epochs``: each pruned model is recovered once, when the space is built; the
+    finalist stage and the artifact reuse it (no fine-tune per front point, none at compile), and a pruned
+    choice's pipeline carries the fine-tune so that it replays."""
+    from qcompile.passes.finetune import Finetune
+
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = Finetune.call
+    monkeypatch.setattr(Finetune, "call", lambda self, graph, ctx: calls.append(self.to_text()) or real(self, graph, ctx))
+    out = tmp_path / "out"
+    rc = main(["search", DIGITS, "-t", "onnxruntime", "-o", str(out), "--prune", "1,0.5", "--bits", "8",
+               "--prune-finetune-epochs", "1", "--max-acc-drop", "5", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    assert calls == ["finetune{epochs=1}"]  # one pruned ratio: one fine-tune, in the space
+    doc = json.loads((out / "search" / "search.json").read_text())
+    pruned = [p for p in doc["finalists"] if "prune-channels" in p["pipeline"]]
+    assert all(",finetune{epochs=1}," in p["pipeline"] for p in pruned)
+    assert doc["settings"]["prune_finetune_epochs"] == 1
+    assert main(["search", DIGITS, "-t", "onnxruntime", "-o", str(tmp_path / "o2"), "--prune-finetune-epochs", "1",
+                 *SMALL]) == 2  # nothing to fine-tune without a prune ratio below 1
+    assert "offer prune ratios below 1" in capsys.readouterr().err

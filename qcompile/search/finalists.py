@@ -24,6 +24,7 @@ The search ranks configurations by a proxy error and the sum of per-layer latenc
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
@@ -103,13 +104,23 @@ def evaluate(loaded: LoadedModel, space: SearchSpace, result: SearchResult, targ
     if not result.front:
         raise SearchError(f"the search found no feasible point: {result.message}")
     base_acc = accuracy(loaded.graph, images, labels)
-    built: dict[int, tuple[str, object, float]] = {}
+    built: dict[int, tuple[str, object, float, list]] = {}
     checked = pick(result.front, max_points)
+    prepare = PassManager(parse_pipeline(PREPARE))
+    prepared = prepare.run(loaded.graph, ctx)
     for k, p in enumerate(checked):
         text = point_pipeline(space, p)
-        pm = PassManager(parse_pipeline(text))
-        g = pm.run(loaded.graph, ctx)
-        built[id(p)] = (text, g, accuracy(g, images, labels), pm.records)
+        # the point's pipeline text, run from the space's pruned model (the prune and its recovery fine-tune
+        # ran once per ratio when the space was built; running them again per point would repeat the training)
+        ratio = getattr(p, "prune", 1.0)
+        start, done = ((prepared, prepare.records) if ratio >= 1.0 else
+                       (space.pruned_graph(ratio), [*prepare.records, *space.prune_records[ratio]]))
+        passes = parse_pipeline(text)
+        if [q.to_text() for q in passes[:len(done)]] != [r.text for r in done]:  # not expected: replay it all
+            start, done = loaded.graph, []
+        pm = PassManager(passes[len(done):])
+        g = pm.run(start, dataclasses.replace(ctx, original=loaded.graph))
+        built[id(p)] = (text, g, accuracy(g, images, labels), [*done, *pm.records])
         if progress and (k + 1) % 5 == 0:
             progress(f"validation accuracy of front point {k + 1}/{len(checked)}")
     if finetune is not None:

@@ -117,6 +117,7 @@ class SearchSpace:
         # per ratio below 1: the pruned model (a space of its own) and, per layer, what each choice becomes
         self._pruned: dict[float, SearchSpace] = {}
         self.prune_stats: dict[float, dict] = {}
+        self.prune_records: dict[float, list] = {}  # the PassRecords of each ratio's prune (+ fine-tune) pipeline
         self._decoded: dict[float, list[list[LayerConfig]]] = {1.0: [list(la.choices) for la in self.layers]}
         for r in self.prune_ratios:
             if r < 1.0:
@@ -134,6 +135,7 @@ class SearchSpace:
                                f"{[la.name for la in self.layers]} -> {[la.name for la in pruned.layers]}")
         self._pruned[ratio] = pruned
         self.prune_stats[ratio] = dict(pm.records[0].stats)
+        self.prune_records[ratio] = list(pm.records)
         self._decoded[ratio] = [[self._scaled(c, la, pruned.layer(la.name), pruned.graph) for c in la.choices]
                                 for la in self.layers]
         for la, decoded in zip(pruned.layers, self._decoded[ratio]):
