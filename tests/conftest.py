@@ -52,3 +52,31 @@ def arm_board():
         os.environ.pop("QCOMPILE_RPC", None)
     else:
         os.environ["QCOMPILE_RPC"] = old
+
+
+# ---------------------------------------------------------------------------- fuzz counts
+_FUZZ_COUNTS: list[tuple[str, dict]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collect the ``fuzz`` user properties of tests/test_fuzz_end_to_end.py (xdist ships them to the
+    controller with each report), so the terminal summary can say how many random graphs really ran."""
+    if report.when == "call":
+        _FUZZ_COUNTS.extend((report.nodeid, dict(v)) for k, v in report.user_properties if k == "fuzz")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FUZZ_COUNTS:
+        return
+    keys = ("examples", "graphs", "compared", "refused", "unsupported")
+    per_target: dict[str, dict[str, int]] = {}
+    for _, c in _FUZZ_COUNTS:
+        t = per_target.setdefault(c.get("target", "?"), dict.fromkeys(keys, 0))
+        for key in keys:
+            t[key] += c.get(key, 0)
+    terminalreporter.section("fuzz: random CNNs compiled and compared")
+    for target, t in sorted(per_target.items()):
+        terminalreporter.write_line(
+            f"{target}: {t['graphs']} random graphs imported, {t['compared']} compiles checked against the "
+            f"reference ({t['examples']} examples; {t['unsupported']} graphs refused by a frontend with a named "
+            f"unsupported op, {t['refused']} budgets refused as impossible)")

@@ -66,6 +66,13 @@ class PruneChannels(Pass):
         groups = channel_groups(graph)
         eligible = [i for i, g in enumerate(groups) if self._eligible(g)]
         if not eligible:
+            budget = f"latency={o.latency}" if o.latency else f"macs={o.macs}"
+            if (o.latency or o.macs) < 1:
+                raise PipelineError(
+                    f"prune-channels: {budget} is impossible: no channel group can be pruned (every channel "
+                    "touches a grouped conv, reshape, transpose, matmul, graph input or output, is excluded "
+                    f"by layers=/exclude=, or its group is at min_keep={o.min_keep}), so at best 1.000 of the "
+                    "model remains")
             return PassResult(graph, False, {"groups": {}, "reason": "no prunable channel group"})
         if o.criterion == "qubo" and not ctx.calibration:
             raise PreconditionError(
