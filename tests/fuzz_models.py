@@ -1,7 +1,8 @@
 """Random CNN graphs as ordinary ``torch.nn.Module`` code, for the torch.export frontend.
 
 :class:`IdiomaticCNN` rebuilds an IR graph made by :mod:`cnn_strategies` from the layers a user
-writes -- ``nn.Conv2d`` (with ``nn.ZeroPad2d`` for asymmetric pads), ``nn.BatchNorm2d`` in eval
+writes -- ``nn.Conv2d`` (every other conv's padding
+written out as ``nn.ZeroPad2d`` before it, asymmetric pads as ``nn.ZeroPad2d`` of the excess), ``nn.BatchNorm2d`` in eval
 mode with its running statistics, ``nn.ReLU``, ``nn.MaxPool2d`` / ``nn.AvgPool2d``,
 ``nn.AdaptiveAvgPool2d``, ``torch.flatten``, ``nn.Linear``, ``+``, ``*`` and ``torch.cat`` -- so
 the frontend sees what torch.export makes of a real model (aten convolution, batch norm, ...),
@@ -35,14 +36,18 @@ class IdiomaticCNN(nn.Module):
             if n.op == "conv2d":
                 w = c[1]
                 t, l, b, r = n.attrs["pads"]
+                # odd convs: all padding written out by nn.ZeroPad2d before an unpadded conv; even ones: the
+                # symmetric part as the conv's own padding, only an asymmetric excess by nn.ZeroPad2d
+                odd = sum(m.op == "conv2d" for m in graph.nodes[:k]) % 2
+                ph, pw = (0, 0) if odd else (min(t, b), min(l, r))
                 conv = nn.Conv2d(w.shape[1] * n.attrs["group"], w.shape[0], tuple(w.shape[2:]),
                                  stride=tuple(n.attrs["strides"]), dilation=tuple(n.attrs["dilations"]),
-                                 groups=n.attrs["group"], bias=len(c) > 2,
-                                 padding=(t, l) if (t, l) == (b, r) else 0)
+                                 groups=n.attrs["group"], bias=len(c) > 2, padding=(ph, pw))
                 conv.weight.data = torch.from_numpy(np.array(w))
                 if len(c) > 2:
                     conv.bias.data = torch.from_numpy(np.array(c[2]))
-                self.layers[key] = conv if (t, l) == (b, r) else nn.Sequential(nn.ZeroPad2d((l, r, t, b)), conv)
+                extra = (l - pw, r - pw, t - ph, b - ph)  # the rest by nn.ZeroPad2d((left, right, top, bottom))
+                self.layers[key] = conv if not any(extra) else nn.Sequential(nn.ZeroPad2d(extra), conv)
             elif n.op == "batch_norm":
                 bn = nn.BatchNorm2d(c[1].shape[0], eps=n.attrs["epsilon"])
                 for p, v in zip(("weight", "bias", "running_mean", "running_var"), c[1:5]):

@@ -11,9 +11,9 @@ import pytest
 
 from qcompile.cli import main
 from qcompile.errors import PipelineError, SearchError
-from qcompile.passes import PassContext, PassManager, parse_pipeline
+from qcompile.passes import PassContext, PassManager, format_pipeline, parse_pipeline
 from qcompile.search import LayerConfig, SearchSpace
-from qcompile.search.driver import parse_budget
+from qcompile.search.driver import ort_needs_reduce_range, parse_budget
 
 DIGITS = "qcompile.models.digits:digits_cnn"
 SMALL = ["--pop", "8", "--generations", "2", "--ranks-per-layer", "1", "--finalists", "2", "--rounds", "2", "-q",
@@ -48,6 +48,64 @@ def test_layer_config_pass_rebuilds_what_the_search_space_builds(digits):
     fc_w = next(n for n in replayed.nodes if n.name.startswith("fc") and n.op == "dequantize_linear")
     q = replayed.constants[fc_w.inputs[0]]
     assert q.min() >= -8 and q.max() <= 7  # int4 grid
+
+
+def _int8_weights(graph):
+    """The integer weight constants of the quantized layers with 8-bit weights."""
+    return [graph.constants[n.inputs[0]] for n in graph.nodes
+            if n.op == "dequantize_linear" and n.inputs[0] in graph.constants and n.attrs["bits"] == 8]
+
+
+def test_layer_config_reduce_range_puts_int8_weights_on_the_7_bit_grid(digits):
+    m, graph, _ = digits
+    text = 'layer-config{configs="stem.0=int8;conv_out.0=tucker2[8x8]+int8;fc=int4",reduce_range=true}'
+    passes = parse_pipeline(text)
+    assert format_pipeline(passes) == text and passes[0].options.reduce_range  # round-trips as recorded
+    replayed = PassManager(passes).run(graph, PassContext(calibration=m.calibration))
+    weights = _int8_weights(replayed)
+    assert len(weights) == 4  # stem.0 and the three factor convs of conv_out.0
+    assert all(np.abs(q.astype(int)).max() == 63 for q in weights)  # per-channel scale: the largest is +-63
+    full = PassManager(parse_pipeline(text.replace(",reduce_range=true", ""))).run(
+        graph, PassContext(calibration=m.calibration))
+    assert max(np.abs(q.astype(int)).max() for q in _int8_weights(full)) == 127
+    # the search space builds the same graph with the option (what a search on a non-VNNI CPU measures)
+    space = SearchSpace(graph, m.calibration, ranks_per_layer=1, reduce_range=True)
+    built = space.build({"stem.0": LayerConfig(8), "conv_out.0": LayerConfig(8, (8, 8)), "fc": LayerConfig(4)})
+    for a, b in zip(_int8_weights(built), weights):
+        np.testing.assert_array_equal(a, b)
+    from qcompile.search.finalists import point_pipeline
+    from qcompile.search.nsga import Point
+
+    point = Point({"stem.0": "int8"}, 0.0, 1.0, 1.0, 1.0, 1.0, True)
+    assert point_pipeline(space, point).endswith('layer-config{configs="stem.0=int8",reduce_range=true}')
+
+
+def test_reduce_range_is_chosen_for_onnxruntime_without_vnni():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    vnni = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni\n"
+    assert ort_needs_reduce_range("onnxruntime", avx2)
+    assert not ort_needs_reduce_range("onnxruntime", vnni)
+    assert not ort_needs_reduce_range("onnxruntime", avx2.replace("avx2", "avx2 avx_vnni"))
+    assert not ort_needs_reduce_range("tvm-x86", avx2)  # TVM's integer kernels are exact either way
+
+
+def test_layer_config_reduce_range_holds_the_int8_step_bound_on_onnxruntime(tmp_path):
+    """A quantized factorized layer on onnxruntime: with full-range int8 weights a CPU without VNNI
+    saturates (measured here, AVX2 only: 0.079 of the output range off the quantized IR, only the RMS
+    bound holds); with reduce_range=true the artifact is within 4 int8 steps (3.6e-4)."""
+    from qcompile.compiler import CompileOptions, compile_model
+    from qcompile.frontends import load_model
+
+    m = load_model(DIGITS, num_calibration=8)
+    held = {}
+    for rr in ("false", "true"):
+        pipeline = f'fold-bn,dead-code,layer-config{{configs="stem.0=int8;conv_out.0=tucker2[8x8]+int8",' \
+                   f'reduce_range={rr}}}'
+        result = compile_model(m, pipeline, "onnxruntime", tmp_path / rr, CompileOptions(repro_dir=tmp_path / "r"))
+        held[rr] = result.manifest["verification"]["int8_bound_held"]
+    assert held["true"] == ["steps"]
+    if ort_needs_reduce_range("onnxruntime"):
+        assert held["false"] == ["rms"]  # the saturation the option exists for
 
 
 @pytest.mark.parametrize("configs, needle", [
@@ -85,6 +143,10 @@ def test_search_cli_compiles_a_checked_point_and_writes_the_front(tmp_path, monk
     assert (out / "search" / "front.png").read_bytes()[:4] == b"\x89PNG"
     chosen = doc["chosen"]
     assert manifest["pipeline"].startswith(chosen["pipeline"])  # the artifact is the chosen point
+    # onnxruntime on a CPU without VNNI: the searched int8 layers use (and record) the 7-bit grid
+    assert doc["settings"]["reduce_range"] == ort_needs_reduce_range("onnxruntime")
+    assert ("reduce_range=true" in chosen["pipeline"]) == (ort_needs_reduce_range("onnxruntime")
+                                                           and "layer-config" in chosen["pipeline"])
     assert chosen["acc_drop"] <= 1.0 and chosen["memory_ratio"] <= 0.5
     assert chosen["accuracy"] == pytest.approx(doc["original"]["accuracy"] - chosen["acc_drop"])
     assert chosen["latency_s"] > 0 and doc["original"]["original_onnxruntime_s"] > 0

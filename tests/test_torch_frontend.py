@@ -8,6 +8,7 @@ translation, not accuracy (that is tests/test_digits_model.py).
 """
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch.nn import functional as F
 
 from qcompile.backends.torch_backend import to_torch, write_back
 from qcompile.errors import ShapeError, UnsupportedOpError
+from qcompile.frontends.onnx_export import to_onnx
 from qcompile.frontends.torch_frontend import decomposition_table, load_torch
 from qcompile.ir import verify
 
@@ -330,6 +332,128 @@ def test_adaptive_pool_to_input_size_is_elided():
     g = load_torch(VGGHead(), (x,))
     assert g.op_counts() == {"add": 1}
     assert_close(to_torch(g)(x).numpy(), (2 * x).numpy())
+
+
+class PadConv(nn.Module):
+    """ZeroPad2d / F.pad before convs: "same" padding of a strided conv, a pad added to a conv's own
+    padding, a pad shared by two convs, and a pad before a count_include_pad avg pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, (1, 3), groups=4)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1)  # count_include_pad=True
+
+    def forward(self, x):
+        h = torch.relu(self.conv(self.pad(x)))
+        p = F.pad(h, (1, 0, 0, 1))                 # shared by conv2, conv3 and the pool
+        return self.conv2(p), self.conv3(p), self.pool(p)
+
+
+def test_zero_pad_is_folded_into_convs_and_avg_pool():
+    model = PadConv().eval()
+    for shape in ((1, 3, 8, 8), (2, 3, 9, 7)):
+        x = torch.randn(shape)
+        g = load_torch(model, (x,))
+        verify(g)
+        assert "pad" not in " ".join(g.op_counts()) and g.op_counts()["conv2d"] == 3
+        assert g.node("conv").attrs["pads"] == (0, 0, 1, 1)       # ZeroPad2d((l, r, t, b)) -> (t, l, b, r)
+        assert g.node("conv2").attrs["pads"] == (1, 2, 2, 1)      # own padding 1 + F.pad (0, 1, 1, 0)
+        assert g.node("conv3").attrs["pads"] == (0, 1, 1, 0)
+        pool = g.node("pool")
+        assert pool.attrs["pads"] == (1, 2, 2, 1) and pool.attrs["count_include_pad"] == 1
+        assert g.node("conv").meta["folded_pad"] == "constant_pad_nd"
+        with torch.no_grad():
+            ref = [r.numpy() for r in model(x)]
+            for y, r in zip(to_torch(g)(x), ref):
+                assert_close(y.numpy(), r)
+        # the folded asymmetric conv / pool padding is what onnxruntime computes too
+        sess = ort.InferenceSession(to_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])
+        for y, r in zip(sess.run(None, {g.inputs[0]: x.numpy()}), ref):
+            assert_close(y, r)
+
+
+def test_zero_pad_before_avg_pool_without_count_include_pad():
+    """The pool's own count_include_pad=False does not apply to explicit zeros: folded as counted."""
+    model = nn.Sequential(nn.ZeroPad2d((1, 0, 1, 1)), nn.AvgPool2d(2, count_include_pad=False)).eval()
+    x = torch.randn(1, 2, 6, 5)
+    g = load_torch(model, (x,))
+    assert g.op_counts() == {"avg_pool2d": 1} and g.nodes[0].attrs["count_include_pad"] == 1
+    assert_close(to_torch(g)(x).detach().numpy(), model(x).numpy())
+
+
+def test_chained_zero_pads_through_dropout_fold_into_one_conv():
+    model = nn.Sequential(nn.ZeroPad2d((1, 0, 0, 0)), nn.ZeroPad2d((0, 0, 2, 0)), nn.Dropout(0.2),
+                          nn.Conv2d(2, 3, 3, stride=2, padding=1)).eval()
+    x = torch.randn(1, 2, 7, 6)
+    g = load_torch(model, (x,))
+    assert g.op_counts() == {"conv2d": 1} and g.nodes[0].attrs["pads"] == (3, 2, 1, 1)
+    assert_close(to_torch(g)(x).detach().numpy(), model(x).detach().numpy())
+
+
+class PadThenRelu(nn.Module):
+    def forward(self, x):
+        return torch.relu(F.pad(x, (1, 1, 1, 1)))
+
+
+class PadValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ConstantPad2d(1, 0.5)
+        self.conv = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return self.conv(self.pad(x))
+
+
+class PadChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 0, 0, 0, 1, 1)))
+
+
+class PadNegative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (-1, 0, 0, 0)))
+
+
+class PadCeilPool(nn.Module):
+    def __init__(self, ceil_mode=True, pad=1):
+        super().__init__()
+        self.pad = nn.ZeroPad2d(pad)
+        self.pool = nn.AvgPool2d(2, ceil_mode=ceil_mode)
+
+    def forward(self, x):
+        return self.pool(self.pad(x))
+
+
+class PadWidePool(PadCeilPool):
+    def __init__(self):
+        super().__init__(ceil_mode=False, pad=(0, 2, 0, 0))
+
+
+@pytest.mark.parametrize("cls,shape,why", [
+    (PadThenRelu, (1, 2, 4, 4), "also used otherwise"),
+    (PadValue, (1, 2, 4, 4), "pad value here is 0.5"),
+    (PadChannels, (1, 2, 4, 4), "pads other axes than H and W"),
+    (PadNegative, (1, 2, 4, 4), "is negative"),
+    (PadCeilPool, (1, 2, 4, 4), "ceil_mode"),
+    (PadWidePool, (1, 2, 4, 4), "reach the kernel size"),
+], ids=["relu-consumer", "value", "channels", "negative", "ceil-pool", "pool-pad-over-kernel"])
+def test_unfoldable_pads_are_refused_naming_the_pad(cls, shape, why):
+    with pytest.raises(UnsupportedOpError) as e:
+        load_torch(cls().eval(), (torch.randn(shape),))
+    assert e.value.op_type == "aten.constant_pad_nd.default" and e.value.node_name.startswith("constant_pad_nd")
+    assert "zero padding of H and W" in str(e.value) and why in str(e.value)
 
 
 # ---------------------------------------------------------------------------- errors

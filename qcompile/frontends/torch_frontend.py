@@ -25,6 +25,12 @@ graph), falling back to the fx node name for code in the root ``forward``;
 Graph inputs are named by ``input_names`` or ``forward``'s parameters; outputs
 are ``output`` (one) or ``output_0, output_1, ...`` (tuple/list outputs, flattened).
 
+Constant padding (``nn.ZeroPad2d``, ``F.pad``: ``aten.constant_pad_nd``) has no IR op: a zero pad of
+H / W is folded into the pads of the conv2d it feeds (and of an avg pool where that is exact, see
+:func:`_avg_pool`), so passes and backends see one conv (``meta["folded_pad"]`` names the pad's fx
+node).  Any other use of the padded tensor, a non-zero value, a negative (cropping) pad or a pad of
+N / C is refused naming the pad node -- the ONNX frontend has the same rule for ONNX Pad.
+
 Anything without a mapping raises :class:`UnsupportedOpError` naming the ATen op,
 the fx node, the module path and class, and what to do instead.
 """
@@ -122,6 +128,9 @@ class _Importer:
         if not isinstance(x, torch.fx.Node):
             raise TypeError(f"expected a tensor argument, got {x!r}")
         v = self.env.get(x.name)
+        if isinstance(v, _PendingPad):  # a zero pad read by anything but a conv / avg pool that folds it
+            raise self.unsupported(v.node, _PAD_SUPPORTED + "; here the padded tensor is also used otherwise "
+                                           "(or is a model output)")
         if not isinstance(v, str):
             raise ShapeError(f"value '{x.name}' is not a single tensor qcompile can represent")
         return v
@@ -182,9 +191,14 @@ class _Importer:
             raise self.unsupported(node, f"torch computes {expected.dtype} here but the IR value is {got.dtype}; "
                                          "qcompile has no cast op")
 
+    def pending_pad(self, x: Any) -> "_PendingPad | None":
+        """The unemitted zero pad fx value ``x`` stands for, if it is one (its consumer folds it)."""
+        v = self.env.get(x.name) if isinstance(x, torch.fx.Node) else None
+        return v if isinstance(v, _PendingPad) else None
+
     def alias(self, node: torch.fx.Node, src: Any) -> None:
-        """Rewire: fx ``node`` has the same value as ``src`` (no IR node)."""
-        self.env[node.name] = self.val(src)
+        """Rewire: fx ``node`` has the same value as ``src`` (no IR node; a pending zero pad stays pending)."""
+        self.env[node.name] = self.pending_pad(src) or self.val(src)
 
     def transposed_constant(self, value: str) -> str | None:
         """``W`` if ``value`` is ``transpose(W, perm=(1, 0))`` of a 2-D constant ``W``, else None."""
@@ -310,7 +324,9 @@ def _conv(imp: _Importer, node, a) -> None:
     if a.get("transposed", False):
         _conv_transpose(imp, node, a)
         return
-    x, w = imp.val(a["input"]), imp.val(a["weight"])
+    pending = imp.pending_pad(a["input"])
+    x = pending.source if pending else imp.val(a["input"])
+    w = imp.val(a["weight"])
     wt = imp.g.types[w]
     if wt.rank != 4:
         raise imp.unsupported(node, f"only 2-D convolution is supported (weight {wt})")
@@ -324,8 +340,13 @@ def _conv(imp: _Importer, node, a) -> None:
     else:
         p = _pair(pad)
         pads = (p[0], p[1], p[0], p[1])
+    if pending:
+        pads = tuple(p + q for p, q in zip(pads, pending.pads))
     ins = [x, w] + ([imp.val(a["bias"])] if a.get("bias") is not None else [])
-    imp.emit(node, "conv2d", ins, {"strides": stride, "pads": pads, "dilations": dil, "group": int(a["groups"])})
+    out = imp.emit(node, "conv2d", ins, {"strides": stride, "pads": pads, "dilations": dil,
+                                         "group": int(a["groups"])})
+    if pending:
+        imp.producer[out].meta["folded_pad"] = pending.node.name
 
 
 def _conv_transpose(imp: _Importer, node, a) -> None:
@@ -455,7 +476,61 @@ def _avg_pool(imp: _Importer, node, a) -> None:
     if a.get("divisor_override") is not None:
         raise imp.unsupported(node, "avg_pool2d with divisor_override is not supported")
     attrs = {**_pool_attrs(a), "count_include_pad": int(bool(a.get("count_include_pad", True)))}
-    imp.emit(node, "avg_pool2d", [imp.val(a["self"])], attrs)
+    pending = imp.pending_pad(a["self"])
+    if pending is None:
+        imp.emit(node, "avg_pool2d", [imp.val(a["self"])], attrs)
+        return
+    # the explicit zeros are input the pool averages over: exact as pool padding counted in the
+    # divisor when every window lies inside the padded input (no ceil mode) and the pool's own
+    # padding, if any, is counted too; the summed padding must stay below the kernel (ONNX /
+    # onnxruntime refuse larger pool padding)
+    pads = tuple(p + q for p, q in zip(attrs["pads"], pending.pads))
+    if attrs["ceil_mode"] or (attrs["pads"] != (0, 0, 0, 0) and not attrs["count_include_pad"]) \
+            or any(p >= attrs["kernel"][i % 2] for i, p in enumerate(pads)):
+        raise imp.unsupported(pending.node, _PAD_SUPPORTED + f"; here it feeds avg pool '{node.name}' with "
+                                            "ceil_mode, count_include_pad=False padding of its own, or padding "
+                                            "that would reach the kernel size")
+    attrs.update(pads=pads, count_include_pad=1)
+    out = imp.emit(node, "avg_pool2d", [pending.source], attrs)
+    imp.producer[out].meta["folded_pad"] = pending.node.name
+
+
+_PAD_SUPPORTED = ("qcompile supports constant padding (nn.ZeroPad2d / F.pad) only as zero padding of H and W "
+                  "(non-negative) feeding conv2d layers (or an avg pool without ceil_mode, padding below the "
+                  "kernel), where it is folded into the layer's padding (the IR has no pad op; the ONNX frontend "
+                  "has the same rule for Pad): give the conv its own padding= instead")
+
+
+class _PendingPad:
+    """A zero pad of H / W not emitted as a node: its consumers fold ``pads`` (t, l, b, r) into their own."""
+
+    def __init__(self, node: torch.fx.Node, source: str, pads: tuple[int, int, int, int]):
+        self.node, self.source, self.pads = node, source, pads
+
+
+def _constant_pad_nd(imp: _Importer, node, a) -> None:
+    """constant_pad_nd(self, pad, value): torch's ``pad`` lists (begin, end) from the last axis on.
+    Not emitted: the consumer folds it (a pad of a pad adds up)."""
+    before = imp.pending_pad(a["self"])
+    x = before.source if before else imp.val(a["self"])
+    xt = imp.g.types[x]
+    pad = [int(p) for p in a["pad"]]
+    value = a.get("value", 0)
+    if isinstance(value, torch.fx.Node) or float(value) != 0.0:
+        raise imp.unsupported(node, _PAD_SUPPORTED + f"; the pad value here is {value!r}")
+    if any(p < 0 for p in pad):
+        raise imp.unsupported(node, _PAD_SUPPORTED + f"; pad {tuple(pad)} is negative (crops): slice instead")
+    full = [0] * (2 * xt.rank)
+    for i in range(len(pad) // 2):  # axis rank-1-i gets (pad[2i], pad[2i+1])
+        full[2 * (xt.rank - 1 - i)], full[2 * (xt.rank - 1 - i) + 1] = pad[2 * i], pad[2 * i + 1]
+    if xt.rank != 4 or any(full[:4]):
+        raise imp.unsupported(node, _PAD_SUPPORTED + f"; pad {tuple(pad)} of a {xt.rank}-D tensor {xt.shape} "
+                                                     "pads other axes than H and W of NCHW")
+    top, bottom, left, right = full[4:]
+    pads = (top, left, bottom, right)
+    if before:
+        pads = tuple(p + q for p, q in zip(pads, before.pads))
+    imp.env[node.name] = _PendingPad(node, x, pads) if any(pads) else x
 
 
 def _adaptive_pool(op: str) -> Handler:
@@ -687,6 +762,7 @@ HANDLERS: dict[str, Handler] = {
     "mul": _binary("mul"), "div": _binary("div"), "pow": _binary("pow"),
     "maximum": _binary("max"), "minimum": _binary("min"),
     "max_pool2d": _max_pool, "max_pool2d_with_indices": _max_pool, "avg_pool2d": _avg_pool,
+    "constant_pad_nd": _constant_pad_nd,
     "adaptive_avg_pool2d": _adaptive_pool("avg_pool2d"), "_adaptive_avg_pool2d": _adaptive_pool("avg_pool2d"),
     "adaptive_max_pool2d": _adaptive_pool("max_pool2d"),
     "mean": _mean, "cat": _cat, "layer_norm": _layer_norm,

@@ -13,6 +13,11 @@
   factor conv is quantized);
 * ``fp32`` leaves the layer alone.
 
+``reduce_range=true`` puts int8 weights on the 7-bit grid (+-63), as ``quantize{reduce_range=true}``
+does: onnxruntime's int8 kernels on x86 CPUs without VNNI add byte products in int16 and saturate
+with full-range int8 weights.  ``qcompile search -t onnxruntime`` sets it on such a CPU and records
+it in the chosen pipeline text.
+
 Layers not listed stay as they are.  A name that is not a conv2d/linear layer with constant weights,
 a malformed choice, or a rank pair larger than the layer's channels is refused naming the layer.
 The search (:mod:`qcompile.search`) builds every candidate model with :func:`apply_layer_configs`
@@ -42,6 +47,9 @@ class LayerConfigOptions:
     act_bits: int = field(default=8, metadata={"doc": "activation bits of quantized layers (8, or 0 = weight-only)"})
     bias_correction: bool = field(default=True, metadata={
         "doc": "correct the mean output shift of rounded weights (needs calibration data)"})
+    reduce_range: bool = field(default=False, metadata={
+        "doc": "int8 weights on a 7-bit grid (+-63), for int8 kernels that add byte products in int16 "
+               "(onnxruntime's u8s8 kernels on CPUs without VNNI saturate otherwise)"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,12 @@ class LayerConfig:
             elif part.startswith("int"):
                 bits = int(part[3:])
         return LayerConfig(bits, rank)
+
+
+def option_text(act_bits: int = 8, reduce_range: bool = False) -> str:
+    """The non-default quantization options of a ``layer-config{configs=...<here>}`` text (search
+    records its chosen point with them), e.g. ``",act_bits=0,reduce_range=true"``."""
+    return ("" if act_bits == 8 else f",act_bits={act_bits}") + (",reduce_range=true" if reduce_range else "")
 
 
 def parse_configs(text: str):
@@ -106,8 +120,10 @@ def tucker2_steps(graph: Graph, node: Node, rank: tuple[int, int]) -> list[L.Ste
 
 
 def apply_layer_configs(graph: Graph, configs: Mapping, ctx: PassContext, *, act_bits: int = 8,
-                        bias_correction: bool = True, factor_steps: FactorSteps = tucker2_steps) -> Graph:
-    """Rewrite ``graph`` (mutated; the quantized graph returned) with ``{layer: LayerConfig}``.
+                        bias_correction: bool = True, reduce_range: bool = False,
+                        factor_steps: FactorSteps = tucker2_steps) -> Graph:
+    """Rewrite ``graph`` (mutated; the quantized graph returned) with ``{layer: LayerConfig}``
+    (``reduce_range``: int8 weights on the 7-bit grid, as the ``quantize`` pass's option).
 
     ``factor_steps(graph, node, rank)`` gives a layer's Tucker-2 factors (the search passes a memoised
     one)."""
@@ -138,7 +154,7 @@ def apply_layer_configs(graph: Graph, configs: Mapping, ctx: PassContext, *, act
     graph.remove_unused_constants()
     if quant:
         q = Quantize(layers="|".join(quant), int4="|".join(int4), act_bits=act_bits,
-                     bias_correction=bias_correction and bool(ctx.calibration))
+                     bias_correction=bias_correction and bool(ctx.calibration), reduce_range=reduce_range)
         graph = q(graph, PassContext(calibration=ctx.calibration)).graph
     return graph
 
@@ -156,5 +172,6 @@ class LayerConfigPass(Pass):
         configs = {n: c for n, c in parse_configs(o.configs).items() if c.label != "fp32"}
         if not configs:
             return PassResult(graph, False, {"layers": {}})
-        out = apply_layer_configs(graph, configs, ctx, act_bits=o.act_bits, bias_correction=o.bias_correction)
+        out = apply_layer_configs(graph, configs, ctx, act_bits=o.act_bits, bias_correction=o.bias_correction,
+                                  reduce_range=o.reduce_range)
         return PassResult(out, True, {"layers": {n: c.label for n, c in configs.items()}})

@@ -47,6 +47,31 @@ class SearchSettings:
     space_options: dict = field(default_factory=dict)
 
 
+def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
+    """Whether this x86 CPU has VNNI (``avx512_vnni`` or ``avx_vnni`` in /proc/cpuinfo's flags)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True  # unknown: assume the exact kernels (no reduce_range)
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_vnni", "avx_vnni"}) or not flags
+
+
+def ort_needs_reduce_range(target: str, cpuinfo: str | None = None) -> bool:
+    """onnxruntime on an x86 CPU without VNNI: its u8s8 int8 kernels add byte products in int16 and
+    saturate with full-range int8 weights, so searched int8 layers use the 7-bit grid
+    (``layer-config{reduce_range=true}``, the compiler's REDUCE_RANGE_HINT advice)."""
+    import platform
+
+    if target != "onnxruntime" or (cpuinfo is None and platform.machine().lower() not in ("x86_64", "amd64")):
+        return False
+    return not cpu_has_vnni(cpuinfo)
+
+
 def parse_budget(text: str) -> Budget:
     """``"latency=0.4x,memory=0.5x"`` -> ``Budget(latency=0.4, memory=0.5)`` (ratios of the original)."""
     kw = {}
@@ -106,6 +131,9 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
                          "search's proxy error and for quantization")
     graph = PassManager(parse_pipeline(F.PREPARE)).run(loaded.graph)
     space_kw = dict(bits=settings.bits, ranks_per_layer=settings.ranks_per_layer, **settings.space_options)
+    if "reduce_range" not in space_kw and ort_needs_reduce_range(target):
+        space_kw["reduce_range"] = True
+        say("onnxruntime on a CPU without VNNI: int8 weights on the 7-bit grid (layer-config reduce_range=true)")
     if tuple(settings.prune_ratios) != (1.0,):
         space_kw["prune_ratios"] = tuple(settings.prune_ratios)
         if settings.prune_finetune_epochs > 0:
@@ -152,7 +180,7 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
                        "use_predictor": settings.use_predictor, "finetune_epochs": settings.finetune_epochs,
                        "finetune_points": settings.finetune_points,
                        "prune_finetune_epochs": settings.prune_finetune_epochs,
-                       "threads": settings.threads}
+                       "threads": settings.threads, "reduce_range": space.reduce_range}
     if data.test is not None:
         from qcompile.finetune import accuracy
 

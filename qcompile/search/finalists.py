@@ -72,8 +72,10 @@ def point_pipeline(space: SearchSpace, point: Point) -> str:
         parts.append(space.prune_pipeline(prune))
     configs = format_configs({n: LayerConfig.parse(c) for n, c in point.configs.items()})
     if configs:
-        act = "" if space.act_bits == 8 else f",act_bits={space.act_bits}"
-        parts.append(f'layer-config{{configs="{configs}"{act}}}')
+        from qcompile.passes.layer_config import option_text
+
+        opts = option_text(space.act_bits, getattr(space, "reduce_range", False))
+        parts.append(f'layer-config{{configs="{configs}"{opts}}}')
     return ",".join(parts)
 
 

@@ -152,12 +152,12 @@ class PipelineSpace:
 
     def pipelines(self, point: Point) -> dict[str, str]:
         """Per model, the pipeline text that rebuilds it as in ``point``."""
-        from qcompile.passes.layer_config import format_configs
+        from qcompile.passes.layer_config import format_configs, option_text
 
         out = {}
         for m, configs in self.per_model({n: LayerConfig.parse(c) for n, c in point.configs.items()}).items():
             text = format_configs(configs)
-            act = "" if self.spaces[m].act_bits == 8 else f",act_bits={self.spaces[m].act_bits}"
+            act = option_text(self.spaces[m].act_bits, self.spaces[m].reduce_range)
             out[m] = PREPARE + (f',layer-config{{configs="{text}"{act}}}' if text else "")
         return out
 

@@ -5,7 +5,8 @@ passes) gets a list of :class:`LayerConfig` choices:
 
 * ``fp32`` — kept as it is;
 * ``int8`` / ``int4`` — per-channel weights on the 8/4-bit grid (``quantize``), activations at
-  ``act_bits`` (8, or 0 for weight-only);
+  ``act_bits`` (8, or 0 for weight-only); ``reduce_range`` puts int8 weights on the 7-bit grid (the
+  ``layer-config`` option of that name, for onnxruntime on CPUs without VNNI);
 * ``tucker2[ro x ri]`` — Tucker-2 factor chain (k x k convs only) at a few ranks spread over the
   ranks that reduce MACs (``ranks_per_layer``), optionally followed by ``+int8`` on every factor.
 
@@ -92,8 +93,8 @@ class SearchSpace:
 
     def __init__(self, graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]] | None = None, *,
                  bits: Sequence[int] = (8, 4), ranks_per_layer: int = 2, tucker_bits: Sequence[int] = (32, 8),
-                 act_bits: int = 8, multiple: int = 8, layers: str = "*", exclude: str = "",
-                 prune_ratios: Sequence[float] = (1.0,), prune_criterion: str = "magnitude",
+                 act_bits: int = 8, reduce_range: bool = False, multiple: int = 8, layers: str = "*",
+                 exclude: str = "", prune_ratios: Sequence[float] = (1.0,), prune_criterion: str = "magnitude",
                  prune_finetune=None, teacher: Graph | None = None):
         ratios = sorted({float(r) for r in prune_ratios}, reverse=True)
         if not ratios or not all(0 < r <= 1 for r in ratios):
@@ -101,6 +102,7 @@ class SearchSpace:
         self.graph = graph
         self.calibration = list(calibration or [])
         self.act_bits = act_bits
+        self.reduce_range = bool(reduce_range)
         self.multiple = multiple
         self.prune_ratios = tuple(ratios)
         self.prune_criterion = prune_criterion
@@ -121,7 +123,8 @@ class SearchSpace:
         self._decoded: dict[float, list[list[LayerConfig]]] = {1.0: [list(la.choices) for la in self.layers]}
         for r in self.prune_ratios:
             if r < 1.0:
-                self._prune(r, act_bits=act_bits, multiple=multiple, layers=layers, exclude=exclude)
+                self._prune(r, act_bits=act_bits, reduce_range=reduce_range, multiple=multiple, layers=layers,
+                            exclude=exclude)
 
     def _prune(self, ratio: float, **options) -> None:
         from qcompile.passes import PassManager, parse_pipeline
@@ -250,7 +253,7 @@ class SearchSpace:
         from qcompile.passes.layer_config import apply_layer_configs
 
         return apply_layer_configs(graph, configs, PassContext(calibration=calibration), act_bits=self.act_bits,
-                                   bias_correction=bias_correction,
+                                   bias_correction=bias_correction, reduce_range=self.reduce_range,
                                    factor_steps=lambda g, n, r: self._factor_steps(self.graph, self.graph.node(n.name), r))
 
     def layer_graph(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> Graph:
