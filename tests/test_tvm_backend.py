@@ -113,7 +113,7 @@ def test_cli_compile_and_run_tvm_x86(tmp_path, capsys):
     assert main(["compile", "qcompile.models.digits:digits_cnn", "-p", "fold-bn,dead-code", "-t", "tvm-x86",
                  "-o", str(out)]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert sorted(m["files"]) == ["model.so", "report.md", "report/macs.png"] and m["verification"]["within_fp32_tolerance"]
+    assert sorted(m["files"]) == ["model.so", "report.html", "report.md", "report/macs.png"] and m["verification"]["within_fp32_tolerance"]
     assert "tvm" in m["versions"]
     from qcompile.data.digits import load_digits_split
 
