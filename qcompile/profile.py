@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from qcompile.ir.graph import Graph, Node
+from qcompile.report import format_ms
 
 LAYER_OPS = ("conv2d", "conv_transpose2d", "linear", "matmul")
 ORT_LAYER_OPS = {"Conv", "FusedConv", "NchwcConv", "QLinearConv", "ConvInteger", "ConvTranspose", "Gemm",
@@ -212,10 +213,6 @@ def _tvm_assign(graph: Graph, kernels: list[tuple[str, int]]) -> list[str | None
     return out
 
 
-def _ms(ms: float) -> str:
-    return f"{ms:.3g} ms" if ms >= 1 else f"{1e3 * ms:.3g} µs"
-
-
 def _profile_tvm(out_dir: Path, manifest: Mapping[str, Any], graph: Graph, feed, runs: int):
     import tvm
 
@@ -270,7 +267,7 @@ def _profile_tvm(out_dir: Path, manifest: Mapping[str, Any], graph: Graph, feed,
     clock = ("CPU time of the calling thread (`time.thread_time`; one runtime thread computes there, so waiting "
              "for a core does not count) per kernel call, each kernel called on its real arguments at its place "
              f"in one inference, call overhead subtracted, median of {runs} repeats of ~1 ms. A whole inference "
-             f"took {_ms(1e3 * whole)} on the same clock; the difference is the VM's work between kernels and "
+             f"took {format_ms(1e3 * whole)} on the same clock; the difference is the VM's work between kernels and "
              "cache misses that a repeated kernel does not have (it finds its weights cached), so layers with "
              "large weights take a larger share of a whole inference than shown")
     return per_run, clock

@@ -221,7 +221,8 @@ def _verification(v: Mapping[str, Any]) -> list[str]:
     return out + ["", "Relative errors are max|y − y_ref| / max|y_ref| over all outputs and feeds.", ""]
 
 
-def _time(ms: float) -> str:
+def format_ms(ms: float) -> str:
+    """Milliseconds for a reader: ``1.3 ms``, below 1 ms in µs (``496 µs``)."""
     return f"{ms:.3g} ms" if ms >= 1 else f"{1e3 * ms:.3g} µs"
 
 
@@ -257,7 +258,7 @@ def _layers(manifest: Mapping[str, Any], rows: list[LayerRow]) -> list[str]:
         out.append(f"| (other ops) | | pools, batch norms, activation quantization, ... | {mb:,} | {ma:,} | "
                    f"{_ratio(ma, mb)} | {other} | {pb:,} | {pa:,} | {wb:,} | {wa:,} | |")
         tb, ta = before.get("macs", 0), after.get("macs", 0)
-        tshare = f"**100 %** ({_time(total)})" if measured else "—"
+        tshare = f"**100 %** ({format_ms(total)})" if measured else "—"
         out.append(f"| **total** | | | **{tb:,}** | **{ta:,}** | **{_ratio(ta, tb)}** | {tshare} | "
                    f"**{before.get('params', 0):,}** | **{after.get('params', 0):,}** | "
                    f"**{before.get('weight_bytes', 0):,}** | **{after.get('weight_bytes', 0):,}** | |")
@@ -272,7 +273,7 @@ def _latency_note(prof: Mapping[str, Any]) -> str:
     """What the latency-share column holds: how and where it was measured, or how to measure it."""
     if prof.get("measured"):
         return (f"Latency share: each layer's part of the summed kernel time of the compiled artifact, "
-                f"{_time(float(prof.get('total_ms') or 0))} per inference on `{prof.get('backend')}`, measured with "
+                f"{format_ms(float(prof.get('total_ms') or 0))} per inference on `{prof.get('backend')}`, measured with "
                 f"`--profile` — {prof.get('clock')}; machine: {prof.get('machine')}. Kernels that compute "
                 "pools, activation quantization, layout changes and the like count as (other ops). The times "
                 "vary from run to run: a profiled artifact's bytes are not reproducible.")

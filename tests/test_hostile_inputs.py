@@ -168,6 +168,11 @@ def _compile(path_fn, *extra):
     return lambda d, mp: ["compile", path_fn(d), *extra]
 
 
+def _dynamic_with_shape(shape: str):
+    """``compile`` of a relu model with dynamic N, H, W, given ``--input-shape shape``."""
+    return _compile(lambda d: _save(d, "dyn.onnx", _relu(("N", 3, "H", "W"))), "--input-shape", shape)
+
+
 def _no_rpc(mp):
     for var in ("QCOMPILE_RPC", "QCOMPILE_RPC_TRACKER", "QCOMPILE_RPC_KEY"):
         mp.delenv(var, raising=False)
@@ -199,25 +204,25 @@ CASES = [
     Case("torch-factory-without-shapes", lambda d, mp: ["compile", "torch.nn:Identity"],
          ["model 'torch.nn:Identity' gives no example inputs", "--input-shape"]),
     Case("input-shape-wrong-rank",
-         _compile(lambda d: _save(d, "dyn.onnx", _relu(("N", 3, "H", "W"))), "--input-shape", "x=1x3x8"),
+         _dynamic_with_shape("x=1x3x8"),
          ["input 'x' has rank 4", "1x3x8 has rank 3"]),
     Case("input-shape-unknown-input",
-         _compile(lambda d: _save(d, "dyn.onnx", _relu(("N", 3, "H", "W"))), "--input-shape", "image=1x3x8x8"),
+         _dynamic_with_shape("image=1x3x8x8"),
          ["given for ['image']", "the model's inputs are ['x']"]),
     Case("input-shape-contradicts-model",
-         _compile(lambda d: _save(d, "dyn.onnx", _relu(("N", 3, "H", "W"))), "--input-shape", "x=1x4x8x8"),
+         _dynamic_with_shape("x=1x4x8x8"),
          ["input 'x' dimension 1 is fixed to 3", "says 4"]),
     Case("input-shape-negative",
-         _compile(lambda d: _save(d, "dyn.onnx", _relu(("N", 3, "H", "W"))), "--input-shape", "x=1x3x-8x8"),
+         _dynamic_with_shape("x=1x3x-8x8"),
          ["bad --input-shape 'x=1x3x-8x8'", "dimension 2 is -8"]),
     Case("input-shape-zero",
-         _compile(lambda d: _save(d, "dyn.onnx", _relu(("N", 3, "H", "W"))), "--input-shape", "x=1x3x0x8"),
+         _dynamic_with_shape("x=1x3x0x8"),
          ["bad --input-shape 'x=1x3x0x8'", "dimension 2 is 0"]),
     Case("input-shape-not-a-number", lambda d, mp: ["compile", DIGITS, "--input-shape", "image=1xAx8"],
          ["bad --input-shape 'image=1xAx8'"]),
     # --- huge declared sizes: refused on shapes, nothing allocated
     Case("huge-input-shape",
-         _compile(lambda d: _save(d, "dyn.onnx", _relu(("N", 3, "H", "W"))), "--input-shape", f"x={HUGE}"),
+         _dynamic_with_shape(f"x={HUGE}"),
          ["--input-shape x", HUGE, "30,000,000,000 elements", "over the limit"], huge=True),
     Case("huge-input-shape-torch", lambda d, mp: ["compile", DIGITS, "--input-shape", f"image={HUGE}"],
          ["--input-shape image", HUGE, "over the limit"], huge=True),

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompile.compiler import FP32_ATOL_REL, FP32_RTOL, CompileOptions, compile_model
+from qcompile.compiler import FP32_ATOL_REL, FP32_RTOL, CompileOptions, compile_model, rms_rel
 from qcompile.frontends import LoadedModel, load_model
 from qcompile.models.thirdparty import CORPUS, CorpusModel, RegistryUnavailable, corpus_model, fetch_model
 from qcompile.passes.manager import max_rel_error, within_fp32_tolerance
@@ -246,7 +246,7 @@ def test_corpus_model_compiles_and_matches_the_original(name, pipeline, target, 
             if name == "centerface" and k == 0:
                 assert np.abs(gk - rk).max() <= HEATMAP_ABS_BOUND
                 continue
-            rms = float(np.sqrt(np.mean((gk - rk) ** 2)) / np.sqrt(np.mean(rk ** 2)))
+            rms, = rms_rel([gk], [rk])
             assert rms <= QUANT_RMS_BOUND[name], (k, rms)
     if name in CLASSIFIERS:
         for g, r in zip(got, p.reference):
