@@ -6,7 +6,8 @@ pool), dense-style concat of the input with new features, pooling, per-channel s
 constant, dilated conv (dilation 2/3, stride 1/2), grouped conv (2-4 groups), strided conv
 (3x3/5x5 with "same"-style asymmetric pads), rectangular 1xk / kx1 convs, overlapping pools (3x3,
 stride 2, padded, ceil mode), downsampling residual block (stride-2 convs + 1x1 stride-2 projection
-shortcut) -- and a head (global average pool or a flatten of the feature map, then one or two
+shortcut), and (opt-in, ``UP_BLOCKS``) an upsampling block (nearest ``resize`` 2x then a stride-2 conv,
+added to a 2x2 stride-2 ``conv_transpose2d`` then a 2x2 average pool) -- and a head (global average pool or a flatten of the feature map, then one or two
 linear layers).  Inputs are square (``size``) or ``(h, w)``, batch ``batch``.  Used for properties
 that must hold for *any* such graph (rewrites preserve the function, budgets are met, every
 backend computes what the reference interpreter computes); random weights are adequate for those.
@@ -21,6 +22,9 @@ from qcompile.ir import Graph, TensorType
 
 BLOCKS = ("conv", "dw", "res", "inception", "dense", "pool", "scale",
           "dilated", "grouped", "strided", "rect", "pool3", "res_down")
+UP_BLOCKS = BLOCKS + ("up",)
+"""BLOCKS plus the upsampling block (resize, conv_transpose2d), for properties of passes that follow
+channels through them."""
 
 
 class _Builder:
@@ -122,6 +126,17 @@ class _Builder:
             y = self.conv(self.conv(x, width, stride=2), width, relu=False)
             shortcut = self.conv(x, width, k=1, stride=2, relu=False, bias=False)
             return self.node("relu", [self.node("add", [y, shortcut], name="skip")], name="relu")
+        if kind == "up":
+            (ih, iw), c = self.hw(x), self.channels(x)
+            up = self.node("resize", [x], {"sizes": (2 * ih, 2 * iw), "scales": (2.0, 2.0), "mode": "nearest",
+                                           "coordinate_transformation_mode": "asymmetric",
+                                           "nearest_mode": "floor"}, "upsample")
+            a = self.conv(up, width, stride=2, relu=False)
+            w = self.const("wt", self.rng.standard_normal((c, width, 2, 2)) * (2.0 / (c * 4)) ** 0.5)
+            t = self.node("conv_transpose2d", [x, w, self.const("bt", self.rng.standard_normal(width) * 0.1)],
+                          {"strides": (2, 2)}, "deconv")
+            b_ = self.node("avg_pool2d", [t], {"kernel": (2, 2), "strides": (2, 2)}, "deconv_pool")
+            return self.node("relu", [self.node("add", [a, b_], name="up_add")], name="relu")
         raise ValueError(kind)
 
 

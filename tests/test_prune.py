@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnn_strategies import build_cnn, random_cnns
+from cnn_strategies import UP_BLOCKS, build_cnn, random_cnns
 from qcompile.backends.torch_backend import to_torch
 from qcompile.errors import PipelineError, PreconditionError
 from qcompile.factorize.layers import compute_macs
@@ -68,7 +68,7 @@ def _check_equivalent(graph, dropped):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(graph=random_cnns(), data=st.data())
+@given(graph=random_cnns(blocks=UP_BLOCKS), data=st.data())
 def test_removing_any_channels_equals_masking_them(graph, data):
     groups = channel_groups(graph)
     drop = {}
@@ -97,6 +97,25 @@ def test_coupling_follows_residual_adds_and_concats():
     assert len(owners) == 3  # 1x1 branch, 3x3 branch, max-pool branch (= the block input's group)
     # the input image's channels and the logits are frozen
     assert not any(gr.prunable for gr in groups.values() if "x" in gr.values or g.outputs[0] in gr.values)
+
+
+def test_resize_and_conv_transpose_carry_channels():
+    """A nearest resize passes each channel through; a group-1 conv_transpose2d with constant weights
+    is a source (weight axis 1, bias) and a sink (weight axis 0) like a conv, so the upsampling
+    block's two branches and the add joining them form one prunable group."""
+    g = build_cnn(2, [("up", 8)], head_gap=True, hidden=0)
+    groups = channel_groups(g)
+    up = next(n for n in g.nodes if n.op == "resize")
+    deconv = next(n for n in g.nodes if n.op == "conv_transpose2d")
+    joined = next(gr for gr in groups if up.inputs[0] in gr.values)
+    assert up.outputs[0] in joined.values and deconv.name in joined.sinks and joined.prunable == joined.size
+    added = next(gr for gr in groups if deconv.name in gr.sources)
+    assert next(n for n in g.nodes if n.op == "add").outputs[0] in added.values and len(added.sources) == 2
+    drop = {groups.index(joined): [1, 4], groups.index(added): [0, 2, 7]}
+    pruned = _check_equivalent(g, drops_by_value(groups, drop))
+    d = next(n for n in pruned.nodes if n.op == "conv_transpose2d")
+    assert pruned.constants[d.inputs[1]].shape == (6, 5, 2, 2) and pruned.constants[d.inputs[2]].shape == (5,)
+    assert compute_macs(pruned) < compute_macs(g)
 
 
 def test_unsupported_consumers_freeze_their_channels():

@@ -31,8 +31,9 @@ def node_macs(graph: Graph, node: Node) -> int:
 
 
 def compute_macs(graph: Graph) -> int:
-    """MACs of every conv2d / linear / matmul node (what factorization budgets count)."""
-    return sum(node_macs(graph, n) for n in graph.nodes if n.op in ("conv2d", "linear", "matmul"))
+    """MACs of every conv2d / conv_transpose2d / linear / matmul node (what compression budgets count)."""
+    return sum(node_macs(graph, n) for n in graph.nodes
+               if n.op in ("conv2d", "conv_transpose2d", "linear", "matmul"))
 
 
 def targets(graph: Graph, ops: Sequence[str], layers: str, exclude: str) -> list[Node]:

@@ -22,7 +22,7 @@ from qcompile.ir.graph import Graph
 from qcompile.prune.groups import ChannelGroup
 from qcompile.prune.rewrite import node_macs_after
 
-MAC_OPS = ("conv2d", "linear", "matmul")
+MAC_OPS = ("conv2d", "conv_transpose2d", "linear", "matmul")
 
 
 def min_keep_count(group: ChannelGroup, multiple: int, min_keep: float) -> int:
@@ -56,7 +56,7 @@ def macs_after(graph: Graph, groups: Sequence[ChannelGroup], counts: dict[int, i
     dropped = dropped_counts(groups, counts)
     total = 0.0
     for n in graph.nodes:
-        if n.op in ("conv2d", "linear"):
+        if n.op in ("conv2d", "conv_transpose2d", "linear"):
             total += node_macs_after(graph, n, dropped)
         elif n.op in MAC_OPS:
             total += node_macs(graph, n)

@@ -13,9 +13,11 @@ the same channel seen at different places, and items are merged with a union-fin
 * ``concat`` on axis 1 merges ``(in_k, c)`` with ``(out, offset_k + c)``: each branch keeps its own
   channels, the concatenation follows;
 * ``flatten`` of ``(N, C, H, W)`` merges ``(in, c)`` with the ``H*W`` features ``c*H*W + j``;
-* ``conv2d`` (``group == 1``) and ``linear`` with constant weights end a channel: they are its
-  *sources* (removing output channel ``c`` drops weight row ``c`` and bias ``c``) and *sinks*
-  (removing input channel ``c`` drops weight column ``c``).
+* ``resize`` (H and W only) preserves channels like a pool;
+* ``conv2d`` (``group == 1``), ``conv_transpose2d`` (``group == 1``) and ``linear`` with constant
+  weights end a channel: they are its *sources* (removing output channel ``c`` drops the weight's
+  output slice ``c`` and bias ``c``) and *sinks* (removing input channel ``c`` drops the weight's
+  input slice ``c``); :func:`weight_axes` says which weight axis is which.
 
 An equivalence class of items is one *prunable channel* unless it touches something that cannot
 drop a channel: a graph input or output, or any other op (``reshape``, ``transpose``, ``matmul``,
@@ -34,7 +36,15 @@ import numpy as np
 from qcompile.ir import ops
 from qcompile.ir.graph import Graph, Node
 
-PRESERVING = frozenset({"batch_norm", "max_pool2d", "avg_pool2d", "global_avg_pool"})
+PRESERVING = frozenset({"batch_norm", "max_pool2d", "avg_pool2d", "global_avg_pool", "resize"})
+LAYER_OPS = ("conv2d", "conv_transpose2d", "linear")
+"""Ops whose constant weight can be a channel group's source or sink."""
+
+
+def weight_axes(node: Node) -> tuple[int, int]:
+    """``(output axis, input axis)`` of a layer's weight: conv2d (O, I, kH, kW) and linear (O, I) give
+    (0, 1); conv_transpose2d (I, O/group, kH, kW) gives (1, 0)."""
+    return (1, 0) if node.op == "conv_transpose2d" else (0, 1)
 
 
 @dataclass
@@ -141,8 +151,8 @@ class _Analysis:
         schema = ops.get(op)
         if out is None or out not in self.offset:
             self._freeze_all(node)
-        elif op in ("conv2d", "linear") and _constant_weights(g, node) and (
-                op == "linear" and g.types[out].rank == 2 or op == "conv2d" and node.attrs["group"] == 1):
+        elif op in LAYER_OPS and _constant_weights(g, node) and (
+                op == "linear" and g.types[out].rank == 2 or op != "linear" and node.attrs["group"] == 1):
             self.sources.setdefault(out, []).append(node.name)
             self.sinks.setdefault(node.inputs[0], []).append(node.name)
         elif op == "conv2d" and is_depthwise(g, node) and _constant_weights(g, node):

@@ -3,8 +3,9 @@
 Given, per value, the channel indices to drop (all items of the chosen classes of
 :mod:`qcompile.prune.groups`), each node is rewritten by what it does to channels:
 
-* ``conv2d`` (``group == 1``) / ``linear``: output channels dropped -> weight rows and bias entries
-  removed; input channels dropped -> weight columns (axis 1) removed;
+* ``conv2d`` (``group == 1``) / ``conv_transpose2d`` (``group == 1``) / ``linear``: output channels
+  dropped -> the weight's output slices and bias entries removed; input channels dropped -> its input
+  slices removed (axes by :func:`qcompile.prune.groups.weight_axes`);
 * depthwise ``conv2d``: weight rows and bias removed, ``group`` set to the new channel count;
 * ``batch_norm``: its four per-channel parameters sliced;
 * binary elementwise ops: a constant operand with one entry per channel is sliced on the channel axis;
@@ -23,7 +24,7 @@ import numpy as np
 
 from qcompile.ir import ops
 from qcompile.ir.graph import Graph, Node
-from qcompile.prune.groups import ChannelGroup, channel_extent, is_depthwise
+from qcompile.prune.groups import LAYER_OPS, ChannelGroup, channel_extent, is_depthwise, weight_axes
 
 
 def drops_by_value(groups: Sequence[ChannelGroup], drop: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
@@ -55,15 +56,15 @@ def remove_channels(graph: Graph, dropped: Mapping[str, Sequence[int]]) -> None:
         d_in, d_out = dropped.get(x, ()), dropped.get(out, ())
         if not d_in and not d_out:
             continue
-        if node.op in ("conv2d", "linear") and not (node.op == "conv2d" and is_depthwise(graph, node)):
-            w = node.inputs[1]
+        if node.op in LAYER_OPS and not (node.op == "conv2d" and is_depthwise(graph, node)):
+            w, (o_axis, i_axis) = node.inputs[1], weight_axes(node)
             if d_out:
                 keep = _keep(types[out].shape[1], d_out)
-                w = _sliced(graph, w, 0, keep)
+                w = _sliced(graph, w, o_axis, keep)
                 if len(node.inputs) > 2 and node.inputs[2]:
                     node.inputs[2] = _sliced(graph, node.inputs[2], 0, keep)
             if d_in:
-                w = _sliced(graph, w, 1, _keep(types[x].shape[1], d_in))
+                w = _sliced(graph, w, i_axis, _keep(types[x].shape[1], d_in))
             node.inputs[1] = w
         elif node.op == "conv2d":  # depthwise: the channel passes through
             keep = _keep(types[x].shape[1], d_in)

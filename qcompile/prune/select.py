@@ -41,7 +41,7 @@ from typing import Mapping
 import numpy as np
 
 from qcompile.ir.graph import Graph
-from qcompile.prune.groups import ChannelGroup
+from qcompile.prune.groups import ChannelGroup, weight_axes
 
 CRITERIA = ("magnitude", "bn", "qubo")
 
@@ -60,7 +60,7 @@ def magnitude_scores(graph: Graph, group: ChannelGroup) -> np.ndarray:
     score = np.zeros(group.size)
     for name in group.sources:
         node = graph.node(name)
-        norms = _row_norms(graph.constants[node.inputs[1]], 0)
+        norms = _row_norms(graph.constants[node.inputs[1]], weight_axes(node)[0])
         bn = _bn_after(graph, node.outputs[0])
         if bn is not None:  # the effective filter is the BN-scaled one (what fold-bn would produce)
             gamma, var = (graph.constants[bn.inputs[i]].astype(np.float64) for i in (1, 4))
@@ -97,7 +97,7 @@ def channel_statistics(graph: Graph, group: ChannelGroup, acts: Mapping[str, np.
         node = graph.node(name)
         x = node.inputs[0]
         act = np.asarray(acts[x], np.float64)
-        cols = _row_norms(graph.constants[node.inputs[1]], 1)
+        cols = _row_norms(graph.constants[node.inputs[1]], weight_axes(node)[1])
         rms = np.moveaxis(act, 1, 0).reshape(act.shape[1], -1).std(axis=1)
         a += [float(np.sqrt(((cols[ch[x]] * rms[ch[x]]) ** 2).sum())) for ch in group.channels]
         if act.ndim == 4 or all(len(ch[x]) == 1 for ch in group.channels):
