@@ -31,6 +31,7 @@ Colour order: rapidocr feeds BGR (cv2); our images are gray so BGR == RGB.
 Run:  .venv/bin/python benchmarks/ocr_pipeline.py [--n 40] [--seed 0]      # original vs reference interpreter
       .venv/bin/python benchmarks/ocr_pipeline.py feasibility              # tvm-x86 fp32 / all-int8 per model
       .venv/bin/python benchmarks/ocr_pipeline.py search [--budget-latency 0.8 ...]
+      .venv/bin/python benchmarks/ocr_pipeline.py recover --det-macs 0.6 [--rec-macs 0.7 ...]  # prune + distill
 
 ``search`` (issue 7): one compression search over the pipeline's models (``search_main``): calibration
 images (seed 1) are distinct from the validation images (seed 0) that score finalists; per-layer latency
@@ -676,6 +677,80 @@ def search_main(argv=None) -> dict:
     return doc
 
 
+def recover_main(argv=None) -> dict:
+    """Prune det / rec / cls and recover each by label-free distillation from the original (the ``distill``
+    pass, on rendered training images, seed 2, none of them validation or calibration images), then score
+    the pipeline's character accuracy on the validation images (seed 0) and time it end to end,
+    interleaved with the original files on onnxruntime, every model compiled for ``--target``."""
+    import os
+
+    from qcompile.bench import interleaved
+    from qcompile.factorize.layers import compute_macs
+    from qcompile.models.thirdparty import fetch_rapidocr_models
+    from qcompile.passes import PassContext, PassManager, parse_pipeline
+    from qcompile.search.pipeline import target_fn
+
+    ap = argparse.ArgumentParser(prog="ocr_pipeline.py recover", description=recover_main.__doc__.split("\n")[0])
+    ap.add_argument("-t", "--target", default="onnxruntime")
+    for m in FILES:
+        ap.add_argument(f"--{m}-macs", type=float, default=1.0, help=f"{m}: keep this fraction of MACs (1: unpruned)")
+    ap.add_argument("--min-keep", type=float, default=0.1)
+    ap.add_argument("--n-train", type=int, default=150, help="rendered training images (seed 2)")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--n-val", type=int, default=40)
+    ap.add_argument("--n-time", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/ocr")
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    paths = fetch_rapidocr_models()
+    set_characters(load_characters(paths[FILES["rec"]]))
+    orig = {m: ort_fn(paths[f], args.threads) for m, f in FILES.items()}
+    graphs = load_graphs(paths)
+    train = calibration_feeds(orig["det"], [d["image"] for d in make_dataset(args.n_train, seed=2)], max_crops=10 ** 6)
+    val = make_dataset(args.n_val, seed=0)
+    res: dict = {"machine": _machine(args.threads), "args": vars(args), "models": {}}
+    compressed = {}
+    for m, g in graphs.items():
+        r = getattr(args, f"{m}_macs")
+        text = "" if r >= 1 else (f"prune-channels{{macs={r},min_keep={args.min_keep}}},"
+                                  f"distill{{epochs={args.epochs},lr={args.lr}}}")
+        t0 = time.perf_counter()
+        pm = PassManager(parse_pipeline(text))
+        compressed[m] = pm.run(g, PassContext(calibration=train[m], original=g)) if text else g
+        stats = {rec.name: rec.stats for rec in pm.records} if text else {}
+        res["models"][m] = {"pipeline": pm.text if text else "", "seconds": time.perf_counter() - t0,
+                            "mac_ratio": compute_macs(compressed[m]) / compute_macs(g), "train_feeds": len(train[m]),
+                            "distill": {k: v for k, v in stats.get("distill", {}).items() if k != "history"}}
+        print(f"{m}: {res['models'][m]}", flush=True)
+    fns = {"onnxruntime fp32, original files": orig,
+           f"{args.target}, fold-bn only": {m: target_fn(g, args.target, args.threads) for m, g in graphs.items()},
+           f"{args.target}, pruned + distilled": {m: target_fn(g, args.target, args.threads)
+                                                   for m, g in compressed.items()}}
+    for k, f in fns.items():
+        res.setdefault("char_acc", {})[k] = metric(f, val)
+        print(f"{k}: char accuracy {res['char_acc'][k]:.2f} %", flush=True)
+    ims = [d["image"] for d in val[:args.n_time]]
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    per = interleaved(end_to_end_runs(fns, ims), args.rounds, 1, clock=clock)
+    e2e = {k: 1e3 * float(np.median(v)) / len(ims) for k, v in per.items()}
+    base = e2e["onnxruntime fp32, original files"]
+    res["end_to_end_ms_per_image"] = e2e
+    res["speedup_vs_onnxruntime_original"] = {k: base / v for k, v in e2e.items()}
+    res["clock"] = "thread CPU time" if args.threads == 1 else "wall"
+    for k in fns:
+        print(f"{k}: {e2e[k]:.1f} ms/image ({res['clock']}), {base / e2e[k]:.2f}x, char acc {res['char_acc'][k]:.2f} %")
+    res["loadavg"] = os.getloadavg()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recover.json").write_text(json.dumps(res, indent=1, default=str))
+    print(f"load average {res['loadavg']}; wrote {out / 'recover.json'}")
+    return res
+
+
 def main(argv=None) -> dict:
     import sys
 
@@ -684,6 +759,8 @@ def main(argv=None) -> dict:
         return feasibility(argv[1:])
     if argv and argv[0] == "search":
         return search_main(argv[1:])
+    if argv and argv[0] == "recover":
+        return recover_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)

@@ -381,7 +381,9 @@ class _Progress:
     @staticmethod
     def _text(h: dict[str, float], epochs: int, best: int) -> str:
         loss = "" if math.isnan(h["train_loss"]) else f" loss {h['train_loss']:.4f}"
-        val = "" if math.isnan(h["val_acc"]) else f" val {h['val_acc']:.2f} %"
+        val = "" if math.isnan(h.get("val_acc", math.nan)) else f" val {h['val_acc']:.2f} %"
+        if not math.isnan(h.get("val_loss", math.nan)):
+            val += f" val loss {h['val_loss']:.4f}"
         return f"epoch {int(h['epoch'])}/{epochs}{loss}{val} (best epoch {best})"
 
     def batch(self) -> None:

@@ -118,6 +118,7 @@ SLOW_PIPELINES = {
     "spatial-svd+int4": "fold-bn,spatial-svd{macs=0.6,multiple=1},quantize{int4=*}",
     "qaf-cp4": "fold-bn,qaf{method=cp,bits=4,rank=4,multiple=1,iterations=8}",
     "prune+int8": "fold-bn,prune-channels{macs=0.5,multiple=1,min_keep=0.1},quantize",
+    "prune+distill": "fold-bn,prune-channels{macs=0.6,multiple=1,min_keep=0.1},distill{epochs=1,batch_size=4}",
 }
 
 NOT_FUZZED = {

@@ -9,6 +9,7 @@ from qcompile.passes.base import Pass, PassContext, PassResult
 from qcompile.passes.channel_decomp import ChannelDecomposition
 from qcompile.passes.cp_decomp import CPDecomposition
 from qcompile.passes.dead_code import DeadCode
+from qcompile.passes.distill import Distill
 from qcompile.passes.finetune import Finetune
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.layer_config import LayerConfigPass
@@ -23,8 +24,8 @@ from qcompile.passes.pipeline import format_pipeline, parse_pipeline
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in (FoldBatchNorm, DeadCode, AnnotateCosts, LowRankSVD, SpatialSVD,
                                                      Tucker2, CPDecomposition, ChannelDecomposition, Quantize,
-                                                     PruneChannels, QAF, LayerConfigPass, Finetune)}
+                                                     PruneChannels, QAF, LayerConfigPass, Finetune, Distill)}
 
-__all__ = ["PASSES", "AnnotateCosts", "CPDecomposition", "ChannelDecomposition", "DeadCode", "Finetune", "FoldBatchNorm",
+__all__ = ["PASSES", "AnnotateCosts", "CPDecomposition", "ChannelDecomposition", "DeadCode", "Distill", "Finetune", "FoldBatchNorm",
            "LayerConfigPass", "LowRankSVD", "PruneChannels", "Quantize", "SpatialSVD", "Tucker2", "Pass", "PassContext", "PassManager",
            "PassResult", "Sequential", "format_pipeline", "parse_pipeline"]

@@ -1,0 +1,121 @@
+"""Output distillation (qcompile.distill, pass ``distill``) on the bundled digits model with real digits.
+
+Labels are never given to the training: the damaged model learns from the original's outputs on
+unlabelled real digits, and held-out labelled digits only judge the result.  Each output loss
+(softmax -> KL, sigmoid -> BCE, otherwise MSE) must repair the damage; a graph that cannot run
+batched (per-feed gradient accumulation) must train exactly like the batched one; the input graph
+is untouched; bad inputs are named.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from graphs import damaged
+from qcompile.backends.torch_backend import to_torch
+from qcompile.data.digits import load_digits_split
+from qcompile.distill import DistillResult, distill, output_losses
+from qcompile.errors import InputError, PreconditionError, ShapeError
+from qcompile.frontends import load_model
+from qcompile.passes import PassContext, PassManager, parse_pipeline
+
+MAX_DROP = 4.0
+"""Test accuracy after 4 label-free epochs on 600 digits stays within this many points of the original's
+(the damage costs ~60 points)."""
+FP32_RTOL = 1e-4
+"""Batched vs per-feed accumulated training: the same sums in another order (fp32)."""
+
+
+def _acc(graph, x, y) -> float:
+    with torch.no_grad():
+        pred = to_torch(graph, trainable=False).eval()(torch.from_numpy(x)).argmax(-1).numpy()
+    return float((pred == y).mean() * 100)
+
+
+def _feeds(x):
+    return [{"image": x[i:i + 1]} for i in range(len(x))]
+
+
+def _with_head(g, op):
+    """``g`` with ``op`` (softmax / sigmoid) applied to its logits."""
+    g = g.clone()
+    attrs = {"axis": -1} if op == "softmax" else {}
+    g.outputs = [g.append(g.make_node(op, [g.outputs[0]], attrs, name=op)).outputs[0]]
+    return g
+
+
+@pytest.fixture(scope="module")
+def digits():
+    g = PassManager(parse_pipeline("fold-bn,dead-code")).run(load_model("qcompile.models.digits:digits_cnn").graph)
+    return g, load_digits_split()
+
+
+@pytest.mark.parametrize("head,loss", [(None, "mse"), ("softmax", "kl"), ("sigmoid", "bce")])
+def test_distillation_repairs_a_damaged_model_without_labels(digits, head, loss):
+    g, split = digits
+    teacher = _with_head(g, head) if head else g
+    bad = damaged(teacher, noise=1.5)
+    (xtr, _), (xva, _), (xte, yte) = split.train, split.val, split.test
+    assert output_losses(bad) == {bad.outputs[0]: (loss, -1 if loss == "kl" else 0,
+                                                   bad.nodes[-1].inputs[0] if head else bad.outputs[0])}
+    acc_orig, acc_bad = _acc(teacher, xte, yte), _acc(bad, xte, yte)
+    assert acc_bad < acc_orig - 5, (acc_orig, acc_bad)
+    frozen = {k: v.tobytes() for k, v in bad.constants.items()}
+    res = distill(bad, teacher, _feeds(xtr[:600]), val_feeds=_feeds(xva[:100]), epochs=4, lr=1e-3, batch_size=16,
+                  patience=4, progress=False)
+    assert isinstance(res, DistillResult) and res.losses == {bad.outputs[0]: loss}
+    acc_after = _acc(res.graph, xte, yte)
+    assert acc_after > acc_bad + 5 and acc_after >= acc_orig - MAX_DROP, (acc_orig, acc_bad, acc_after)
+    assert res.best_epoch > 0 and res.best_val_loss == min(h["val_loss"] for h in res.history)
+    assert res.best_val_loss < res.history[0]["val_loss"]
+    assert {k: v.tobytes() for k, v in bad.constants.items()} == frozen  # the input graph is untouched
+
+
+def test_per_feed_accumulation_trains_like_one_batch(digits, monkeypatch):
+    """Graphs whose reshapes fix the batch (e.g. a recogniser's attention) run one feed at a time; the
+    accumulated gradient of a batch is the batched one, so both paths give the same weights."""
+    from qcompile.factorize import layers
+
+    g, split = digits
+    teacher = _with_head(g, "softmax")
+    bad = damaged(teacher, noise=1.0)
+    feeds = _feeds(split.train[0][:48])
+    batched = distill(bad, teacher, feeds, epochs=1, lr=1e-3, batch_size=16, progress=False)
+    monkeypatch.setattr(layers, "_batch_free", lambda graph: False)
+    single = distill(bad, teacher, feeds, epochs=1, lr=1e-3, batch_size=16, progress=False)
+    for name, w in batched.graph.constants.items():
+        np.testing.assert_allclose(single.graph.constants[name], w, rtol=FP32_RTOL,
+                                   atol=FP32_RTOL * max(float(np.abs(w).max()), 1e-6))
+    assert not np.array_equal(batched.graph.constants[bad.nodes[0].inputs[1]],
+                              bad.constants[bad.nodes[0].inputs[1]])  # it did train
+
+
+def test_distill_pass_uses_calibration_and_the_original(digits):
+    g, split = digits
+    bad = damaged(g, noise=1.5)
+    xtr = split.train[0][:200]
+    ctx = PassContext(calibration=_feeds(xtr), original=g)
+    out = PassManager(parse_pipeline("distill{epochs=2,lr=1e-3,batch_size=16}")).run(bad, ctx)
+    (xte, yte) = split.test
+    assert _acc(out, xte, yte) > _acc(bad, xte, yte) + 5
+    with pytest.raises(PreconditionError, match="distill.*calibration"):
+        PassManager(parse_pipeline("distill")).run(bad, PassContext(original=g))
+
+
+def test_bad_feeds_and_teachers_are_named(digits):
+    g, split = digits
+    x = split.train[0][:4]
+    with pytest.raises(InputError, match="training set is empty"):
+        distill(g, g, [], progress=False)
+    with pytest.raises(ShapeError, match=r"feed 0 input 'image' has shape \(2, 1, 8, 8\)"):
+        distill(g, g, [{"image": x[:2]}], progress=False)
+    with pytest.raises(InputError, match="lacks graph input"):
+        distill(g, g, [{"y": x[:1]}], progress=False)
+    nan = x[:1].copy()
+    nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        distill(g, g, [{"image": nan}], progress=False)
+    with pytest.raises(ShapeError, match="teacher's outputs"):
+        distill(g, lambda feed: [np.zeros((1, 3), np.float32)], _feeds(x), progress=False)
+    with pytest.raises(InputError, match="lr"):
+        distill(g, g, _feeds(x), lr=-1.0, progress=False)
