@@ -16,7 +16,9 @@ For ``softmax`` and ``sigmoid`` outputs the student is trained on the op's *inpu
 ``log s = log_softmax(z)`` and BCE-with-logits, so a saturated probability still has a gradient.
 Teacher probabilities are clamped to ``[EPS, 1]`` before the logarithm.  Teacher outputs are
 computed once, in eval mode, on every training and validation feed.  Adam over the student's
-floating constants except batch-norm statistics (as ``finetune``); quantized (QDQ) graphs train
+floating constants except batch-norm statistics (as ``finetune``), the learning rate decaying from
+``lr`` to 0 over the planned steps on a cosine (SGDR without restarts, Loshchilov & Hutter 2017);
+quantized (QDQ) graphs train
 through float shadows fake-quantized on their integer grids, with learned scales (LSQ, see
 :mod:`qcompile.finetune`).  Batches of ``batch_size`` feeds run as one batch when no node fixes
 the batch size (:func:`qcompile.factorize.layers._batch_free`); otherwise each feed runs alone and
@@ -189,6 +191,8 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
     if not params and not scales:
         raise InputError(f"distill: graph '{graph.name}' has no trainable floating-point constants")
     opt = torch.optim.Adam([{"params": params}] + ([{"params": scales}] if scales else []), lr=lr)
+    steps = (len(train) + batch_size - 1) // batch_size
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
 
     def loss_of(idx: Sequence[int], data: list[dict], targets: list[list[np.ndarray]],
                 backward: bool) -> float:
@@ -219,7 +223,6 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
     best_state, best_epoch, stale = copy.deepcopy(student.state_dict()), 0, 0
     stopped_early = diverged = False
     history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_loss": best_loss}]
-    steps = (len(train) + batch_size - 1) // batch_size
     report = _Progress(progress, f"distilling '{graph.name}'", epochs, steps)
     gen = torch.Generator().manual_seed(int(seed))
     try:
@@ -237,6 +240,7 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
                         diverged = True
                         break
                     opt.step()
+                    schedule.step()
                     with torch.no_grad():
                         for sc in scales:
                             sc.clamp_(min=MIN_SCALE)
