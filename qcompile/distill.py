@@ -161,10 +161,9 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
     or non-finite feeds, bad settings) or ``ShapeError`` (a feed or the teacher's outputs do not
     match the graph), naming the problem.
     """
-    from qcompile.backends.torch_backend import to_torch, write_back
+    from qcompile.backends.torch_backend import write_back
     from qcompile.factorize.layers import _batch_free
-    from qcompile.finetune import MIN_SCALE, _check_settings, _freeze_bn_statistics, _Progress, _scale_constants, \
-        weight_grids
+    from qcompile.finetune import MIN_SCALE, _check_settings, _Progress, trainable_student, weight_grids
 
     if not isinstance(graph, Graph):
         raise InputError(f"distill: expected a qcompile IR Graph, got {type(graph).__name__}")
@@ -177,19 +176,9 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
     var = [max(float(np.var(np.stack([t[k] for t in t_train]))), 1e-12) for k in range(len(graph.outputs))]
     batched = _batch_free(graph)
 
-    grids = weight_grids(graph)
     trained = graph.clone()
     trained.outputs = [kinds[o][2] for o in graph.outputs]
-    student = to_torch(trained, trainable=True, fake_quant=grids or None)
-    _freeze_bn_statistics(graph, student)
-    scale_names = _scale_constants(graph)
-    for c in scale_names:
-        student.constant(c).requires_grad_(bool(learn_scales))
-    scales = [student.constant(c) for c in sorted(scale_names) if student.constant(c).requires_grad]
-    ids = {id(p) for p in scales}
-    params = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
-    if not params and not scales:
-        raise InputError(f"distill: graph '{graph.name}' has no trainable floating-point constants")
+    student, params, scales = trainable_student(graph, trained, weight_grids(graph), learn_scales, "distill")
     opt = torch.optim.Adam([{"params": params}] + ([{"params": scales}] if scales else []), lr=lr)
     steps = (len(train) + batch_size - 1) // batch_size
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)

@@ -226,6 +226,25 @@ def _scale_constants(graph: Graph) -> set[str]:
             and n.inputs[1] in graph.constants}
 
 
+def trainable_student(graph: Graph, trained: Graph, fake_quant: dict | None, learn_scales: bool,
+                      who: str) -> tuple[GraphModule, list, list]:
+    """``(module, weights, scales)``: ``trained`` (a clone of ``graph``, perhaps with other outputs) as a
+    trainable module, integer weights behind float shadows on ``fake_quant`` grids, batch-norm statistics
+    frozen; ``weights`` are its trainable floating constants, ``scales`` the quantization scales (empty
+    unless ``learn_scales``).  Raises ``InputError`` naming ``who`` if nothing is trainable."""
+    student = to_torch(trained, trainable=True, fake_quant=fake_quant or None)
+    _freeze_bn_statistics(graph, student)
+    scale_names = _scale_constants(graph)
+    for cname in scale_names:
+        student.constant(cname).requires_grad_(bool(learn_scales))
+    scales = [student.constant(c) for c in sorted(scale_names) if student.constant(c).requires_grad]
+    ids = {id(p) for p in scales}
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
+    if not params and not scales:
+        raise InputError(f"{who}: graph '{graph.name}' has no trainable floating-point constants")
+    return student, params, scales
+
+
 def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *,
              val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
              teacher: Teacher | None = None, epochs: int = 5, lr: float = 1e-3,
@@ -271,16 +290,8 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
     if qat and not grids:
         raise InputError(f"finetune: qat=True but graph '{graph.name}' has no quantized weights "
                          "(dequantize_linear of an integer constant); run the quantize pass first")
-    student = to_torch(graph.clone(), trainable=True, fake_quant=grids if qat or qat is None else None)
-    _freeze_bn_statistics(graph, student)
-    scale_names = _scale_constants(graph)
-    for cname in scale_names:
-        student.constant(cname).requires_grad_(bool(learn_scales))
-    scales = [student.constant(c) for c in sorted(scale_names) if student.constant(c).requires_grad]
-    ids = {id(p) for p in scales}
-    params = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
-    if not params and not scales:
-        raise InputError(f"finetune: graph '{graph.name}' has no trainable floating-point constants")
+    student, params, scales = trainable_student(graph, graph.clone(), grids if qat or qat is None else None,
+                                                learn_scales, "finetune")
     groups = [{"params": params}] if params else []
     if scales:
         groups.append({"params": scales, "lr": lr if scale_lr is None else scale_lr})
