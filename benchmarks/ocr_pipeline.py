@@ -698,6 +698,7 @@ def recover_main(argv=None) -> dict:
     ap.add_argument("--n-train", type=int, default=150, help="rendered training images (seed 2)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--dice", type=float, default=0.0, help="distill's soft-dice weight on det's probability map")
     ap.add_argument("--n-val", type=int, default=40)
     ap.add_argument("--n-time", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
@@ -724,10 +725,10 @@ def recover_main(argv=None) -> dict:
     for m, g in graphs.items():
         r = getattr(args, f"{m}_macs")
         text = "" if r >= 1 else (f"prune-channels{{macs={r},min_keep={args.min_keep}}},"
-                                  f"distill{{epochs={args.epochs},lr={args.lr}}}")
+                                  f"distill{{epochs={args.epochs},lr={args.lr},dice={args.dice}}}")
         t0 = time.perf_counter()
         pm = PassManager(parse_pipeline(text))
-        f = saved / f"{m}-{r}.onnx"
+        f = saved / f"{m}-{r}{f'-dice{args.dice:g}' if args.dice else ''}.onnx"
         if text and args.reuse and f.exists():
             compressed[m] = load_model(str(f), {"x": INPUT_SHAPES[m]}).graph
         else:

@@ -8,7 +8,10 @@ feed.  The loss is a sum over the graph outputs, chosen by the op producing each
 * ``softmax`` over axis ``a`` (class probabilities, e.g. a CTC recogniser's per-step characters):
   ``KL(t || s) = sum_a t * (log t - log s)``, averaged over every other position;
 * ``sigmoid`` (probability maps, e.g. a DB text detector): binary cross-entropy against the
-  teacher's probabilities as soft targets, ``-(t log s + (1 - t) log(1 - s))``, averaged;
+  teacher's probabilities as soft targets, ``-(t log s + (1 - t) log(1 - s))``, averaged, plus
+  ``dice * (1 - 2 sum(s t) / (sum s + sum t))`` per sample (soft dice, Milletari et al. 2016): on
+  a map whose positives are a few percent of the pixels the averaged BCE is dominated by the
+  background, the dice term weighs the foreground's overlap as a whole (``dice=0``: off);
 * anything else: mean squared error divided by the teacher output's variance over the training
   set (a scale-free regression loss).
 
@@ -89,14 +92,20 @@ def output_losses(graph: Graph) -> dict[str, tuple[str, int, str]]:
     return out
 
 
-def _loss(kind: str, axis: int, z: torch.Tensor, t: torch.Tensor, var: float) -> torch.Tensor:
+def _loss(kind: str, axis: int, z: torch.Tensor, t: torch.Tensor, var: float, dice: float = 0.0) -> torch.Tensor:
     """Loss of student value ``z`` (logits for kl / bce) against teacher output ``t``."""
     if kind == "kl":  # the class axis last, every other position a row (a reshape may lie between)
         c = z.shape[axis]
         z, t = z.movedim(axis, -1).reshape(-1, c), t.movedim(axis, -1).reshape(-1, c).clamp(EPS, 1.0)
         return (t * (t.log() - torch.log_softmax(z, dim=-1))).sum(dim=-1).mean()
     if kind == "bce":
-        return nn.functional.binary_cross_entropy_with_logits(z, t.clamp(0.0, 1.0))
+        t = t.clamp(0.0, 1.0)
+        loss = nn.functional.binary_cross_entropy_with_logits(z, t)
+        if dice:
+            s, dims = torch.sigmoid(z), tuple(range(1, z.dim()))
+            overlap = 2 * (s * t).sum(dims) / ((s + t).sum(dims) + EPS)
+            loss = loss + dice * (1 - overlap).mean()
+        return loss
     return ((z - t) ** 2).mean() / var
 
 
@@ -151,7 +160,7 @@ def _teacher_outputs(teacher: Graph | Callable[[Feed], Sequence[np.ndarray]], fe
 
 def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]], feeds: Sequence[Feed], *,
             val_feeds: Sequence[Feed] | None = None, epochs: int = 5, lr: float = 1e-4, batch_size: int = 8,
-            patience: int = 2, seed: int = 0, learn_scales: bool = True,
+            patience: int = 2, seed: int = 0, learn_scales: bool = True, dice: float = 0.0,
             progress: bool | Callable[[dict[str, float]], Any] = True) -> DistillResult:
     """Train ``graph`` to reproduce ``teacher``'s outputs on ``feeds`` (see module docstring).
 
@@ -193,7 +202,7 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
             y = student(*x)
             y = y if isinstance(y, tuple) else (y,)
             loss = sum(_loss(*kinds[o][:2], y[k], torch.from_numpy(np.concatenate([targets[i][k] for i in chunk])),
-                             var[k]) for k, o in enumerate(graph.outputs)) * (len(chunk) / len(idx))
+                             var[k], dice) for k, o in enumerate(graph.outputs)) * (len(chunk) / len(idx))
             if backward:
                 if not torch.isfinite(loss):
                     return float("inf")

@@ -71,6 +71,19 @@ def test_distillation_repairs_a_damaged_model_without_labels(digits, head, loss)
     assert {k: v.tobytes() for k, v in bad.constants.items()} == frozen  # the input graph is untouched
 
 
+def test_dice_term_measures_foreground_overlap():
+    """BCE + dice * (1 - soft dice): zero extra cost where the student's map equals a binary teacher's,
+    the full weight where the foregrounds are disjoint, and a repaired model with it on."""
+    from qcompile.distill import _loss
+
+    t = torch.zeros(2, 1, 8, 8)
+    t[:, :, 2:4, 2:6] = 1
+    same, apart = (t * 2 - 1) * 40, torch.roll(t, 4, dims=2) * 80 - 40  # logits of t / of a shifted map
+    base = _loss("bce", 0, same, t, 1.0)
+    assert abs(float(_loss("bce", 0, same, t, 1.0, dice=2.0) - base)) < 1e-5
+    assert abs(float(_loss("bce", 0, apart, t, 1.0, dice=2.0) - _loss("bce", 0, apart, t, 1.0)) - 2.0) < 1e-4
+
+
 def test_per_feed_accumulation_trains_like_one_batch(digits, monkeypatch):
     """Graphs whose reshapes fix the batch (e.g. a recogniser's attention) run one feed at a time; the
     accumulated gradient of a batch is the batched one, so both paths give the same weights."""

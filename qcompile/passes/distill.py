@@ -32,6 +32,8 @@ class DistillOptions:
     lr: float = field(default=1e-4, metadata={"doc": "Adam learning rate (also for quantization scales)"})
     batch_size: int = field(default=8, metadata={"doc": "feeds per optimizer step"})
     patience: int = field(default=2, metadata={"doc": "stop after this many epochs without validation gain"})
+    dice: float = field(default=0.0, metadata={
+        "doc": "sigmoid outputs: weight of a soft-dice term added to the BCE (foreground overlap of probability maps)"})
     learn_scales: bool = field(default=True, metadata={"doc": "quantized graphs: learn the scales (LSQ)"})
     seed: int = field(default=0, metadata={"doc": "batch order seed"})
 
@@ -67,7 +69,8 @@ class Distill(Pass):
         val = feeds[::VAL_EVERY]
         train = [f for k, f in enumerate(feeds) if k % VAL_EVERY]
         res = distill(graph, teacher, train, val_feeds=val, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
-                      patience=o.patience, seed=o.seed, learn_scales=o.learn_scales, progress=self.progress)
+                      patience=o.patience, seed=o.seed, learn_scales=o.learn_scales, dice=o.dice,
+                      progress=self.progress)
         stats = {"losses": res.losses, "train_feeds": len(train), "val_feeds": len(val),
                  "best_epoch": res.best_epoch, "epochs_run": len(res.history) - 1,
                  "stopped_early": res.stopped_early, "diverged": res.diverged,
