@@ -704,6 +704,9 @@ def recover_main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/ocr")
+    ap.add_argument("--chain", action="store_true",
+                    help="train cls / rec on the crops the *compressed* det finds (what they see in the compressed "
+                         "pipeline), not the original det's")
     ap.add_argument("--reuse", action="store_true",
                     help="load OUT/recovered/MODEL.onnx written by an earlier run with the same MACs instead of training")
     args = ap.parse_args(argv)
@@ -718,7 +721,8 @@ def recover_main(argv=None) -> dict:
     graphs = load_graphs(paths)
     saved = Path(args.out) / "recovered"
     saved.mkdir(parents=True, exist_ok=True)
-    train = calibration_feeds(orig["det"], [d["image"] for d in make_dataset(args.n_train, seed=2)], max_crops=10 ** 6)
+    train_images = [d["image"] for d in make_dataset(args.n_train, seed=2)]
+    train = calibration_feeds(orig["det"], train_images, max_crops=10 ** 6)
     val = make_dataset(args.n_val, seed=0)
     res: dict = {"machine": _machine(args.threads), "args": vars(args), "models": {}}
     compressed = {}
@@ -728,7 +732,10 @@ def recover_main(argv=None) -> dict:
                                   f"distill{{epochs={args.epochs},lr={args.lr},dice={args.dice}}}")
         t0 = time.perf_counter()
         pm = PassManager(parse_pipeline(text))
-        f = saved / f"{m}-{r}{f'-dice{args.dice:g}' if args.dice else ''}.onnx"
+        if args.chain and m != "det" and compressed["det"] is not graphs["det"]:  # crops of the compressed det
+            train = {**train, m: calibration_feeds(target_fn(compressed["det"], "onnxruntime", args.threads),
+                                                  train_images, max_crops=10 ** 6)[m]}
+        f = saved / f"{m}-{r}{f'-dice{args.dice:g}' if args.dice else ''}{'-chain' if args.chain and m != 'det' else ''}.onnx"
         if text and args.reuse and f.exists():
             compressed[m] = load_model(str(f), {"x": INPUT_SHAPES[m]}).graph
         else:
