@@ -428,6 +428,18 @@ def _machine(threads: int) -> str:
     return f"{machine}, nproc={os.cpu_count()}, threads={threads}"
 
 
+def _write_result(res: dict, out: str, name: str) -> dict:
+    """Record the load average in ``res``, write it as JSON to ``out/name`` and say so; returns ``res``."""
+    import os
+
+    res["loadavg"] = os.getloadavg()
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1, default=str))
+    print(f"load average {res['loadavg']}; wrote {path}")
+    return res
+
+
 def feasibility(argv=None) -> dict:
     """Each original model compiled for tvm-x86 in fp32 and after ``quantize`` (all int8), timed interleaved
     per model against onnxruntime fp32 (the original file), plus the all-int8 pipeline's char accuracy and
@@ -445,7 +457,6 @@ def feasibility(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/ocr")
     args = ap.parse_args(argv)
-    import os
     import torch
     torch.set_num_threads(args.threads)
     capture_one_feed_at_a_time()
@@ -482,12 +493,7 @@ def feasibility(argv=None) -> dict:
     for k in fns:
         print(f"{k}: char acc {res['char_acc'][k]:.2f} %, end to end {e2e[k]:.1f} ms/image", flush=True)
     print(f"calls per image: {res['calls_per_image']}")
-    res["loadavg"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "feasibility.json").write_text(json.dumps(res, indent=1, default=str))
-    print(f"load average {res['loadavg']}; wrote {out / 'feasibility.json'}")
-    return res
+    return _write_result(res, args.out, "feasibility.json")
 
 
 def searched_layers(graph, min_macs: float, min_layers: int) -> str:
@@ -682,8 +688,6 @@ def recover_main(argv=None) -> dict:
     pass, on rendered training images, seed 2, none of them validation or calibration images), then score
     the pipeline's character accuracy on the validation images (seed 0) and time it end to end,
     interleaved with the original files on onnxruntime, every model compiled for ``--target``."""
-    import os
-
     from qcompile.bench import interleaved
     from qcompile.factorize.layers import compute_macs
     from qcompile.models.thirdparty import fetch_rapidocr_models
@@ -732,9 +736,6 @@ def recover_main(argv=None) -> dict:
                                   f"distill{{epochs={args.epochs},lr={args.lr},dice={args.dice}}}")
         t0 = time.perf_counter()
         pm = PassManager(parse_pipeline(text))
-        if args.chain and m != "det" and compressed["det"] is not graphs["det"]:  # crops of the compressed det
-            train = {**train, m: calibration_feeds(target_fn(compressed["det"], "onnxruntime", args.threads),
-                                                  train_images, max_crops=10 ** 6)[m]}
         f = saved / f"{m}-{r}{f'-dice{args.dice:g}' if args.dice else ''}{'-chain' if args.chain and m != 'det' else ''}.onnx"
         if text and args.reuse and f.exists():
             compressed[m] = load_model(str(f), {"x": INPUT_SHAPES[m]}).graph
@@ -747,6 +748,9 @@ def recover_main(argv=None) -> dict:
                             "mac_ratio": compute_macs(compressed[m]) / compute_macs(g), "train_feeds": len(train[m]),
                             "distill": {k: v for k, v in stats.get("distill", {}).items() if k != "history"}}
         print(f"{m}: {res['models'][m]}", flush=True)
+        if m == "det" and args.chain and text:  # cls / rec (after det in FILES) train on the compressed det's crops
+            train = calibration_feeds(target_fn(compressed["det"], "onnxruntime", args.threads), train_images,
+                                      max_crops=10 ** 6)
     fns = {"onnxruntime fp32, original files": orig,
            f"{args.target}, fold-bn only": {m: target_fn(g, args.target, args.threads) for m, g in graphs.items()},
            f"{args.target}, pruned + distilled": {m: target_fn(g, args.target, args.threads)
@@ -768,12 +772,7 @@ def recover_main(argv=None) -> dict:
     res["clock"] = "thread CPU time" if args.threads == 1 else "wall"
     for k in fns:
         print(f"{k}: {e2e[k]:.1f} ms/image ({res['clock']}), {base / e2e[k]:.2f}x, char acc {res['char_acc'][k]:.2f} %")
-    res["loadavg"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recover.json").write_text(json.dumps(res, indent=1, default=str))
-    print(f"load average {res['loadavg']}; wrote {out / 'recover.json'}")
-    return res
+    return _write_result(res, args.out, "recover.json")
 
 
 def main(argv=None) -> dict:

@@ -33,7 +33,6 @@ graph is never changed.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -172,7 +171,7 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
     """
     from qcompile.backends.torch_backend import write_back
     from qcompile.factorize.layers import _batch_free
-    from qcompile.finetune import MIN_SCALE, _check_settings, _Progress, trainable_student, weight_grids
+    from qcompile.finetune import MIN_SCALE, BestEpoch, _check_settings, _Progress, trainable_student, weight_grids
 
     if not isinstance(graph, Graph):
         raise InputError(f"distill: expected a qcompile IR Graph, got {type(graph).__name__}")
@@ -217,10 +216,9 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
         with torch.no_grad():
             return float(np.mean([loss_of([i], val, t_val, False) for i in range(len(val))]))
 
-    best_loss = val_loss()
-    best_state, best_epoch, stale = copy.deepcopy(student.state_dict()), 0, 0
+    keep = BestEpoch(student, val_loss(), lambda new, best: new < best)
     stopped_early = diverged = False
-    history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_loss": best_loss}]
+    history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_loss": keep.score}]
     report = _Progress(progress, f"distilling '{graph.name}'", epochs, steps)
     gen = torch.Generator().manual_seed(int(seed))
     try:
@@ -246,20 +244,17 @@ def distill(graph: Graph, teacher: Graph | Callable[[Feed], Sequence[np.ndarray]
                     report.batch()
                 if diverged:
                     history.append({"epoch": epoch, "train_loss": float("inf"), "val_loss": float("nan")})
+                    report.epoch(history[-1], keep.epoch)
                     stopped_early = epoch < epochs
                     break
-                vl = val_loss()
-                history.append({"epoch": epoch, "train_loss": total / len(train), "val_loss": vl})
-                if not val or vl < best_loss:
-                    best_loss, best_state, best_epoch, stale = vl, copy.deepcopy(student.state_dict()), epoch, 0
-                else:
-                    stale += 1
-                report.epoch(history[-1], best_epoch)
-                if stale >= patience and epoch < epochs:
+                history.append({"epoch": epoch, "train_loss": total / len(train), "val_loss": val_loss()})
+                keep.update(epoch, history[-1]["val_loss"], bool(val))
+                report.epoch(history[-1], keep.epoch)
+                if keep.stale >= patience and epoch < epochs:
                     stopped_early = True
                     break
     finally:
         report.close()
-    student.load_state_dict(best_state)
-    return DistillResult(write_back(graph, student), best_epoch, history,
+    keep.restore()
+    return DistillResult(write_back(graph, student), keep.epoch, history,
                          {o: k[0] for o, k in kinds.items()}, stopped_early, diverged)

@@ -305,13 +305,12 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
 
     opt = torch.optim.Adam(groups, lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
-    best_acc = val_acc()
-    best_state, best_epoch, stale, stopped_early = copy.deepcopy(student.state_dict()), 0, 0, False
-    diverged = False
-    history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": best_acc}]
+    keep = BestEpoch(student, val_acc(), lambda new, best: new > best)
+    stopped_early = diverged = False
+    history: list[dict[str, float]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": keep.score}]
     steps = (len(x) + batch_size - 1) // batch_size
     report = _Progress(progress, f"fine-tuning '{graph.name}'", epochs, steps)
-    report.epoch(history[0], best_epoch)
+    report.epoch(history[0], keep.epoch)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -341,23 +340,43 @@ def finetune(graph: Graph, train_images: np.ndarray, train_labels: np.ndarray, *
                     report.batch()
                 if diverged:
                     history.append({"epoch": epoch, "train_loss": float("inf"), "val_acc": float("nan")})
-                    report.epoch(history[-1], best_epoch)
+                    report.epoch(history[-1], keep.epoch)
                     stopped_early = epoch < epochs
                     break
                 acc = val_acc()
                 history.append({"epoch": epoch, "train_loss": total / len(x), "val_acc": acc})
-                if not has_val or acc > best_acc:
-                    best_acc, best_state, best_epoch, stale = acc, copy.deepcopy(student.state_dict()), epoch, 0
-                else:
-                    stale += 1
-                report.epoch(history[-1], best_epoch)
-                if stale >= patience and epoch < epochs:
+                keep.update(epoch, acc, has_val)
+                report.epoch(history[-1], keep.epoch)
+                if keep.stale >= patience and epoch < epochs:
                     stopped_early = True
                     break
     finally:
         report.close()
-    student.load_state_dict(best_state)
-    return FinetuneResult(write_back(graph, student), best_epoch, history, stopped_early, diverged)
+    keep.restore()
+    return FinetuneResult(write_back(graph, student), keep.epoch, history, stopped_early, diverged)
+
+
+class BestEpoch:
+    """The best epoch's weights of ``module`` so far, for early stopping.
+
+    Starts at epoch 0 with ``score`` (the input weights).  :meth:`update` keeps the module's current
+    weights when ``better(score, best)`` (ties keep the earlier epoch), or always without validation
+    data; ``stale`` counts the epochs since the last kept one.  :meth:`restore` loads the kept weights."""
+
+    def __init__(self, module: nn.Module, score: float, better: Callable[[float, float], bool]):
+        self.module, self.better = module, better
+        self.score, self.epoch, self.stale = score, 0, 0
+        self.state = copy.deepcopy(module.state_dict())
+
+    def update(self, epoch: int, score: float, has_val: bool = True) -> None:
+        if not has_val or self.better(score, self.score):
+            self.score, self.epoch, self.stale = score, epoch, 0
+            self.state = copy.deepcopy(self.module.state_dict())
+        else:
+            self.stale += 1
+
+    def restore(self) -> None:
+        self.module.load_state_dict(self.state)
 
 
 MIN_SCALE = 1e-8

@@ -14,13 +14,13 @@ against the distilled IR.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qcompile.errors import PreconditionError
 from qcompile.ir.graph import Graph
 from qcompile.passes.base import Pass, PassContext, PassResult
+from qcompile.passes.finetune import _finite
 
 VAL_EVERY = 5
 """Every VAL_EVERY-th calibration feed (0, 5, 10, ...) is held out for validation."""
@@ -36,10 +36,6 @@ class DistillOptions:
         "doc": "sigmoid outputs: weight of a soft-dice term added to the BCE (foreground overlap of probability maps)"})
     learn_scales: bool = field(default=True, metadata={"doc": "quantized graphs: learn the scales (LSQ)"})
     seed: int = field(default=0, metadata={"doc": "batch order seed"})
-
-
-def _finite(v: float) -> float | None:
-    return None if math.isnan(v) or math.isinf(v) else round(float(v), 6)
 
 
 class Distill(Pass):
