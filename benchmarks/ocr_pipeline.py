@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -415,17 +414,12 @@ def end_to_end_runs(fn_sets: dict, images: list[np.ndarray]) -> dict:
 
 
 def _machine(threads: int) -> str:
+    """CPU model (as the latency cache names it), core count and runtime threads, for result files."""
     import os
 
-    machine = f"{platform.processor() or platform.machine()}, {platform.system()}"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                machine = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{machine}, nproc={os.cpu_count()}, threads={threads}"
+    from qcompile.search.latency_cache import _cpu_model
+
+    return f"{_cpu_model()}, nproc={os.cpu_count()}, threads={threads}"
 
 
 def _write_result(res: dict, out: str, name: str) -> dict:
@@ -803,16 +797,7 @@ def main(argv=None) -> dict:
     paths = fetch_rapidocr_models()
     set_characters(load_characters(paths[FILES["rec"]]))
     data = make_dataset(args.n, args.seed)
-    machine = f"{platform.processor() or platform.machine()}, {platform.system()}, nproc={__import__('os').cpu_count()}"
-    machine_threads = f", threads={args.threads}"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                machine = line.split(":", 1)[1].strip() + f", nproc={__import__('os').cpu_count()}"
-                break
-    except OSError:
-        pass
-    machine += machine_threads
+    machine = _machine(args.threads)
     result = {"machine": machine, "n_images": args.n, "seed": args.seed, "gt_lines": sum(len(d["gt"]) for d in data), "threads": args.threads}
 
     variants = {"onnxruntime (original files)": {m: ort_fn(paths[f], args.threads) for m, f in FILES.items()}}
