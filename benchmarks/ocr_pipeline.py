@@ -14,8 +14,10 @@ any per-model callables ``fn({"x": batch}) -> [outputs]``:
   dilation, connected components (scipy.ndimage.label), box score >= 0.5,
   axis-aligned box expanded by d = area*1.6/perimeter (the unclip offset).
 * cls: every crop resized to height 48 keeping aspect (width <= 192), padded,
-  normalised like det; a crop called '180' with score > 0.9 counts as a cls
-  error (our lines are upright), and is not rotated.
+  normalised like det; a crop called '180' with score > 0.9 is rotated by 180
+  degrees before rec, as rapidocr does (our lines are upright, so each such
+  rotation is a cls error, counted, and costs rec accuracy: a compressed cls
+  is scored by what it does to the text).
 * rec: crop resized to height 48 keeping aspect, width <= 320, zero-padded to
   320 (static shape), normalised like det; CTC greedy decode with the character
   list from the rec model's metadata ('character'), blank at 0, ' ' appended.
@@ -229,7 +231,9 @@ def run_image(fns: dict, image: np.ndarray, stats: dict | None = None) -> list[t
         label = int(cls_out.argmax())
         if stats is not None:
             stats["crops"] = stats.get("crops", 0) + 1
-            if label == 1 and cls_out[label] > CLS_THRESH:
+        if label == 1 and cls_out[label] > CLS_THRESH:
+            crop = np.ascontiguousarray(crop[::-1, ::-1])
+            if stats is not None:
                 stats["cls_rot180"] = stats.get("cls_rot180", 0) + 1
         rec_out = np.asarray(fns["rec"]({"x": rec_preprocess(crop)})[0])[0]
         text, _score = ctc_decode(rec_out, CHARS)
@@ -378,6 +382,35 @@ def load_graphs(paths: dict) -> dict:
 
     return {m: PassManager(parse_pipeline(PREPARE)).run(load_model(str(paths[f]), {"x": INPUT_SHAPES[m]}).graph)
             for m, f in FILES.items()}
+
+
+def _recovery_args(ap: argparse.ArgumentParser) -> None:
+    """The options of pruning a pipeline model and recovering it by distillation (``recover``, ``search``)."""
+    ap.add_argument("--min-keep", type=float, default=0.1, help="prune-channels: every group keeps this fraction")
+    ap.add_argument("--n-train", type=int, default=300, help="rendered training images (seed 2) for the recovery")
+    ap.add_argument("--epochs", type=int, default=8, help="distill epochs per pruned model")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--dice", type=float, default=1.0, help="distill's soft-dice weight on det's probability map")
+    ap.add_argument("--reuse", action="store_true",
+                    help="load a pruned + recovered model an earlier run wrote (OUT/recovered/, named by model, "
+                         "ratio and a hash of every option that made it) instead of training it again")
+
+
+def recovery_text(args, model: str) -> str:
+    """The ``distill`` pass that recovers a pruned ``model`` (the soft-dice term only for det's map)."""
+    dice = f",dice={args.dice:g}" if model == "det" and args.dice else ""
+    return f"distill{{epochs={args.epochs},lr={args.lr:g}{dice}}}"
+
+
+def recovered_path(out: str, model: str, ratio: float, args, recovery: str, chain: bool = False) -> Path:
+    """Where the pruned + recovered ``model`` is kept: named by model and ratio, plus a hash of what made it
+    (min_keep, the recovery pass, the training images, whether cls / rec trained on a compressed det's crops)."""
+    import hashlib
+
+    key = f"{model}|{ratio:g}|min_keep={args.min_keep:g}|{recovery}|n_train={args.n_train}|seed=2|chain={chain}"
+    path = Path(out) / "recovered" / f"{model}-{ratio:g}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def calibration_feeds(det_fn, images: list[np.ndarray], max_crops: int = 32) -> dict[str, list[dict]]:
@@ -534,10 +567,13 @@ def search_main(argv=None) -> dict:
     import sys
 
     from qcompile.errors import SearchError
+    from qcompile.frontends import load_model
+    from qcompile.frontends.onnx_export import save_onnx
     from qcompile.models.thirdparty import fetch_rapidocr_models
     from qcompile.search import LatencyCache, SearchSpace, search
     from qcompile.search import pipeline as P
     from qcompile.search.finalists import choose, plot_front, report
+    from qcompile.search.driver import ort_needs_reduce_range
     from qcompile.search.latency_cache import default_target
     from qcompile.search.nsga import Budget
 
@@ -562,6 +598,11 @@ def search_main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/ocr")
+    for m in FILES:
+        ap.add_argument(f"--prune-{m}", default="1",
+                        help=f"{m}'s prune ratios (MAC fractions, comma-separated): a per-model gene; each pruned "
+                             "model is recovered by distillation once, before the per-layer choices")
+    _recovery_args(ap)
     args = ap.parse_args(argv)
 
     import torch
@@ -588,8 +629,30 @@ def search_main(argv=None) -> dict:
     calls = calls_per_image(orig, val_images)
     graphs = load_graphs(paths)
     bits = tuple(int(b) for b in args.bits.split(",") if b)
-    spaces = {m: SearchSpace(g, feeds[m], bits=bits, ranks_per_layer=args.ranks,
-                             layers=searched_layers(g, args.min_macs, args.min_layers)) for m, g in graphs.items()}
+    ratios = {m: tuple(float(r) for r in getattr(args, f"prune_{m}").split(",")) for m in FILES}
+    train = None
+    if any(r < 1 for rs in ratios.values() for r in rs):
+        train = calibration_feeds(orig["det"], [d["image"] for d in make_dataset(args.n_train, seed=2)],
+                                  max_crops=10 ** 6)
+    spaces = {}
+    reduce_range = ort_needs_reduce_range(args.target)  # int8 weights on the 7-bit grid without VNNI
+    for m, g in graphs.items():
+        recovery = recovery_text(args, m)
+        files = {r: recovered_path(args.out, m, r, args, recovery) for r in ratios[m] if r < 1}
+        given = {r: load_model(str(f), {"x": INPUT_SHAPES[m]}).graph for r, f in files.items()
+                 if args.reuse and f.exists()}
+        tp = time.perf_counter()
+        spaces[m] = SearchSpace(g, feeds[m], bits=bits, ranks_per_layer=args.ranks, reduce_range=reduce_range,
+                                layers=searched_layers(g, args.min_macs, args.min_layers), prune_ratios=ratios[m],
+                                prune_options={"min_keep": args.min_keep}, prune_recovery=recovery, teacher=g,
+                                recovery_feeds=train[m] if train else None, pruned=given)
+        for r, f in files.items():
+            if r not in given:
+                save_onnx(spaces[m].pruned_graph(r), f)
+            progress(f"{m} pruned at {r:g} ({'reused ' + str(f) if r in given else 'pruned and recovered'}): "
+                     f"{spaces[m].prune_stats[r].get('mac_ratio', float('nan')):.3f} of the MACs")
+        if files:
+            phases[f"prune + recover {m}"] = time.perf_counter() - tp
     space = P.PipelineSpace(spaces, proxy_glue(feeds, {m: P.reference_fn(g) for m, g in graphs.items()}))
     models = P.PipelineModels(graphs, feeds)
     progress(f"space: {len(space.layers)} layers ({', '.join(f'{m} {len(sp.layers)}' for m, sp in spaces.items())}), "
@@ -662,11 +725,12 @@ def search_main(argv=None) -> dict:
 
     print(f"\noriginal pipeline: char acc {base}; per image: "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in doc.get("original_ms_per_image", {}).items()))
-    print("| allocation (layers fp32/int8/int4/tucker2 per model) | char acc | drop | ms/image | vs ORT fp32 "
+    print("| allocation (per model: prune ratio, layers fp32/int8/int4/tucker2) | char acc | drop | ms/image | vs ORT fp32 "
           "| vs " + args.target + " fp32 | predicted ratio | weight bytes |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        alloc = "; ".join(f"{m} {a['fp32']}/{a['int8']}/{a['int4']}/{a['tucker2']}" for m, a in r["allocation"].items())
+        alloc = "; ".join(f"{m}{'' if a['prune'] == 1 else ' pruned ' + format(a['prune'], 'g')} "
+                          f"{a['fp32']}/{a['int8']}/{a['int4']}/{a['tucker2']}" for m, a in r["allocation"].items())
         mark = " (chosen)" if chosen and r["pipelines"] == json.loads(chosen.pipeline) else ""
         print(f"| {alloc}{mark} | {r['char_acc']:.2f} | {r['drop']:.2f} | {r['ms_per_image']:.1f} | "
               f"{r['vs_onnxruntime_fp32']:.2f}x | {r['vs_tvm_fp32']:.2f}x | {r['predicted_latency_ratio']:.3f} | "
@@ -692,11 +756,7 @@ def recover_main(argv=None) -> dict:
     ap.add_argument("-t", "--target", default="onnxruntime")
     for m in FILES:
         ap.add_argument(f"--{m}-macs", type=float, default=1.0, help=f"{m}: keep this fraction of MACs (1: unpruned)")
-    ap.add_argument("--min-keep", type=float, default=0.1)
-    ap.add_argument("--n-train", type=int, default=150, help="rendered training images (seed 2)")
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--dice", type=float, default=0.0, help="distill's soft-dice weight on det's probability map")
+    _recovery_args(ap)
     ap.add_argument("--n-val", type=int, default=40)
     ap.add_argument("--n-time", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
@@ -705,8 +765,6 @@ def recover_main(argv=None) -> dict:
     ap.add_argument("--chain", action="store_true",
                     help="train cls / rec on the crops the *compressed* det finds (what they see in the compressed "
                          "pipeline), not the original det's")
-    ap.add_argument("--reuse", action="store_true",
-                    help="load OUT/recovered/MODEL.onnx written by an earlier run with the same MACs instead of training")
     args = ap.parse_args(argv)
     import torch
 
@@ -717,8 +775,6 @@ def recover_main(argv=None) -> dict:
     set_characters(load_characters(paths[FILES["rec"]]))
     orig = {m: ort_fn(paths[f], args.threads) for m, f in FILES.items()}
     graphs = load_graphs(paths)
-    saved = Path(args.out) / "recovered"
-    saved.mkdir(parents=True, exist_ok=True)
     train_images = [d["image"] for d in make_dataset(args.n_train, seed=2)]
     train = calibration_feeds(orig["det"], train_images, max_crops=10 ** 6)
     val = make_dataset(args.n_val, seed=0)
@@ -726,11 +782,11 @@ def recover_main(argv=None) -> dict:
     compressed = {}
     for m, g in graphs.items():
         r = getattr(args, f"{m}_macs")
-        text = "" if r >= 1 else (f"prune-channels{{macs={r},min_keep={args.min_keep}}},"
-                                  f"distill{{epochs={args.epochs},lr={args.lr},dice={args.dice}}}")
+        recovery = recovery_text(args, m)
+        text = "" if r >= 1 else f"prune-channels{{macs={r:g},min_keep={args.min_keep:g}}},{recovery}"
         t0 = time.perf_counter()
         pm = PassManager(parse_pipeline(text))
-        f = saved / f"{m}-{r}{f'-dice{args.dice:g}' if args.dice else ''}{'-chain' if args.chain and m != 'det' else ''}.onnx"
+        f = recovered_path(args.out, m, r, args, recovery, chain=args.chain and m != "det")
         if text and args.reuse and f.exists():
             compressed[m] = load_model(str(f), {"x": INPUT_SHAPES[m]}).graph
         else:

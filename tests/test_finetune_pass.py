@@ -81,9 +81,9 @@ def test_search_fine_tunes_points_that_miss_and_keeps_improvements(digits):
 
 
 def test_search_space_recovers_pruned_models_before_per_layer_choices(digits):
-    """``prune_finetune``: each pruned model of the space is fine-tuned right after pruning (teacher: the
+    """``prune_recovery``: each pruned model of the space is fine-tuned right after pruning (teacher: the
     loaded model), its pipeline text says so, and replaying that text from the loaded model rebuilds it."""
-    from qcompile.passes.finetune import FinetuneOptions
+    from qcompile.passes.finetune import Finetune, FinetuneOptions
     from qcompile.search import LayerConfig, SearchSpace
     from qcompile.search.finalists import PREPARE, point_pipeline
 
@@ -92,7 +92,7 @@ def test_search_space_recovers_pruned_models_before_per_layer_choices(digits):
     opts = FinetuneOptions(data="digits", epochs=2, patience=2)
     plain = SearchSpace(graph, m.calibration, prune_ratios=(1.0, 0.25), bits=(8,), ranks_per_layer=0)
     recovered = SearchSpace(graph, m.calibration, prune_ratios=(1.0, 0.25), bits=(8,), ranks_per_layer=0,
-                            prune_finetune=opts, teacher=m.graph)
+                            prune_recovery=Finetune(opts).to_text(), teacher=m.graph)
     text = recovered.prune_pipeline(0.25)
     assert text.startswith(plain.prune_pipeline(0.25) + ",finetune{") and "epochs=2" in text
     assert recovered.prune_pipeline(1.0) == ""  # the unpruned model is not fine-tuned

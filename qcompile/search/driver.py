@@ -137,12 +137,12 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
     if tuple(settings.prune_ratios) != (1.0,):
         space_kw["prune_ratios"] = tuple(settings.prune_ratios)
         if settings.prune_finetune_epochs > 0:
-            from qcompile.passes.finetune import FinetuneOptions
+            from qcompile.passes.finetune import Finetune, FinetuneOptions
 
             say(f"pruning at {', '.join(f'{r:g}' for r in settings.prune_ratios if r < 1)} of the MACs, each pruned "
                 f"model fine-tuned for up to {settings.prune_finetune_epochs} epochs on {data.name}")
-            space_kw.update(prune_finetune=FinetuneOptions(data=data.name, epochs=settings.prune_finetune_epochs),
-                            teacher=loaded.graph)
+            recovery = Finetune(FinetuneOptions(data=data.name, epochs=settings.prune_finetune_epochs)).to_text()
+            space_kw.update(prune_recovery=recovery, teacher=loaded.graph)
     space = SearchSpace(graph, loaded.calibration, **space_kw)
     say(f"search space: {len(space.layers)} layers, {space.size} (layer, configuration) pairs; target {target}")
     from qcompile.progress import enabled as bars_enabled

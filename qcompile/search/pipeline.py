@@ -6,9 +6,12 @@ are not compressed one by one against per-model budgets; their layers form **one
 ranks and factorizations are allocated heterogeneously across models where the end-to-end
 accuracy tolerates it and the end-to-end latency gains most.
 
-* :class:`PipelineSpace` joins per-model :class:`~qcompile.search.space.SearchSpace`\\ s (no pruning
-  inside pipelines yet): layer ``m/l`` is layer ``l`` of model ``m``; a (layer, configuration) pair is
-  timed alone on the target through the shared workload-keyed cache, exactly as for one model.
+* :class:`PipelineSpace` joins per-model :class:`~qcompile.search.space.SearchSpace`\\ s: layer ``m/l``
+  is layer ``l`` of model ``m``; a (layer, configuration) pair is timed alone on the target through the
+  shared workload-keyed cache, exactly as for one model.  A model whose space has several prune ratios
+  gets a prune-ratio gene of its own (each ratio pruned, and recovered, once by its space), so a point
+  prunes the models of the pipeline by different amounts: its ``prune`` is the tuple of per-model
+  ratios in model order (the pairs of model ``m`` carry ``m``'s ratio).
 * The proxy error is end to end: ``run(models)`` — the pipeline's own host code (the *glue*), given one
   callable per model (``feed batch -> outputs``) — returns the pipeline's outputs on its calibration
   inputs, compared with the original pipeline's (relative L2).
@@ -27,9 +30,10 @@ accuracy tolerates it and the end-to-end latency gains most.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -75,35 +79,53 @@ def target_fn(graph: Graph, backend: str, threads: int | None = None) -> ModelFn
 
 
 class PipelineSpace:
-    """The per-layer choices of every model of a pipeline as one space (the protocol nsga.search uses)."""
+    """The per-model prune ratios and per-layer choices of every model of a pipeline as one space (the
+    protocol nsga.search uses).
 
-    prune_ratios = (1.0,)
+    Genome: one ratio index per model that has more than one prune ratio (model order), then one choice
+    index per layer (``layers``: every model's layers, unpruned, in model order).  A "ratio" of this
+    space is either a float (what a pair carries: the ratio of the layer's own model) or a tuple of
+    per-model ratios (``prune_ratios``: every combination; ``Decoded.prune`` and ``Point.prune``)."""
 
     def __init__(self, spaces: Mapping[str, SearchSpace], run: Glue):
         if not spaces:
             raise ValueError("a pipeline needs at least one model")
-        for m, sp in spaces.items():
+        for m in spaces:
             if SEP in m:
                 raise ValueError(f"pipeline model name '{m}' must not contain '{SEP}'")
-            if sp.prune_ratios != (1.0,):
-                raise ValueError(f"model '{m}': pruning inside a pipeline search is not supported yet "
-                                 "(prune_ratios must be (1.0,))")
         self.spaces = dict(spaces)
+        self.models = list(self.spaces)
         self.run = run
         self.layers = [Layer(f"{m}{SEP}{la.name}", la.op, la.choices, la.macs, la.weight_shape)
                        for m, sp in self.spaces.items() for la in sp.layers]
         self._by_name = {la.name: la for la in self.layers}
+        self._genes = [m for m in self.models if len(self.spaces[m].prune_ratios) > 1]
+        self.pruning = any(sp.prune_ratios != (1.0,) for sp in self.spaces.values())
+        self.prune_ratios = (tuple(itertools.product(*(self.spaces[m].prune_ratios for m in self.models)))
+                             if self.pruning else (1.0,))
 
-    def _split(self, name: str) -> tuple[SearchSpace, str]:
+    def _split(self, name: str) -> tuple[str, str]:
         model, _, layer = name.partition(SEP)
-        return self.spaces[model], layer
+        return model, layer
+
+    def ratio_of(self, model: str, ratio) -> float:
+        """Model ``model``'s prune ratio in ``ratio`` (a per-model tuple, or one float for every model)."""
+        return float(ratio[self.models.index(model)]) if isinstance(ratio, (tuple, list)) else float(ratio)
+
+    def _layer_args(self, name: str, ratio) -> tuple[SearchSpace, str, float]:
+        model, layer = self._split(name)
+        return self.spaces[model], layer, self.ratio_of(model, ratio)
 
     # ------------------------------------------------------------------ genome
-    def layer(self, name: str, ratio: float = 1.0) -> Layer:
-        return self._by_name[name]
+    def layer(self, name: str, ratio=1.0) -> Layer:
+        sp, layer, r = self._layer_args(name, ratio)
+        if r == 1.0:
+            return self._by_name[name]
+        la = sp.layer(layer, r)
+        return Layer(name, la.op, la.choices, la.macs, la.weight_shape)
 
     def pairs(self) -> list[tuple[str, LayerConfig, float]]:
-        return [(la.name, c, 1.0) for la in self.layers for c in la.choices]
+        return [(f"{m}{SEP}{name}", c, r) for m, sp in self.spaces.items() for name, c, r in sp.pairs()]
 
     @property
     def size(self) -> int:
@@ -111,55 +133,83 @@ class PipelineSpace:
 
     @property
     def upper(self) -> np.ndarray:
-        return np.array([len(la.choices) - 1 for la in self.layers], dtype=int)
+        return np.array([len(self.spaces[m].prune_ratios) - 1 for m in self._genes]
+                        + [len(la.choices) - 1 for la in self.layers], dtype=int)
 
-    def genome(self, ratio: float, choices: Sequence[int]) -> tuple[int, ...]:
-        return tuple(int(i) for i in choices)
+    def genome(self, ratio, choices: Sequence[int]) -> tuple[int, ...]:
+        head = tuple(self.spaces[m].prune_ratios.index(self.ratio_of(m, ratio)) for m in self._genes)
+        return head + tuple(int(i) for i in choices)
 
     def decode(self, genome: Sequence[int]) -> Decoded:
-        return Decoded(1.0, {la.name: la.choices[int(i)] for la, i in zip(self.layers, genome)})
+        genome = [int(v) for v in genome]
+        head, rest = genome[:len(self._genes)], genome[len(self._genes):]
+        ratios, configs, k = [], {}, 0
+        for m, sp in self.spaces.items():
+            sub = ([head[self._genes.index(m)]] if m in self._genes else []) + rest[k:k + len(sp.layers)]
+            k += len(sp.layers)
+            d = sp.decode(sub)
+            ratios.append(d.prune)
+            configs.update({f"{m}{SEP}{n}": c for n, c in d.configs.items()})
+        return PipelineDecoded(tuple(ratios) if self.pruning else 1.0, configs, self)
 
     def per_model(self, configs: Mapping[str, LayerConfig]) -> dict[str, dict[str, LayerConfig]]:
         out: dict[str, dict[str, LayerConfig]] = {m: {} for m in self.spaces}
         for name, cfg in configs.items():
-            model, _, layer = name.partition(SEP)
+            model, layer = self._split(name)
             out[model][layer] = cfg
         return out
 
     # ------------------------------------------------------------------ models, costs
-    def build_models(self, configs: Mapping[str, LayerConfig]) -> dict[str, Graph]:
-        return {m: self.spaces[m].build(c) for m, c in self.per_model(configs).items()}
+    def build_models(self, configs: Mapping[str, LayerConfig], ratio=1.0) -> dict[str, Graph]:
+        return {m: self.spaces[m].build(c, self.ratio_of(m, ratio)) for m, c in self.per_model(configs).items()}
 
     def outputs(self, decoded: Decoded | None) -> list[np.ndarray]:
         graphs = ({m: sp.graph for m, sp in self.spaces.items()} if decoded is None
-                  else self.build_models(decoded.configs))
+                  else self.build_models(decoded.configs, decoded.prune))
         return [np.asarray(o) for o in self.run({m: reference_fn(g) for m, g in graphs.items()})]
 
-    def layer_graph(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> Graph:
-        sp, layer = self._split(name)
-        return sp.layer_graph(layer, cfg)
+    def layer_graph(self, name: str, cfg: LayerConfig, ratio=1.0) -> Graph:
+        sp, layer, r = self._layer_args(name, ratio)
+        return sp.layer_graph(layer, cfg, r)
 
-    def features(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> np.ndarray:
-        sp, layer = self._split(name)
-        return sp.features(layer, cfg)
+    def features(self, name: str, cfg: LayerConfig, ratio=1.0) -> np.ndarray:
+        sp, layer, r = self._layer_args(name, ratio)
+        return sp.features(layer, cfg, r)
 
-    def weight_bytes(self, name: str, cfg: LayerConfig, ratio: float = 1.0) -> float:
-        sp, layer = self._split(name)
-        return sp.weight_bytes(layer, cfg)
+    def weight_bytes(self, name: str, cfg: LayerConfig, ratio=1.0) -> float:
+        sp, layer, r = self._layer_args(name, ratio)
+        return sp.weight_bytes(layer, cfg, r)
 
-    def other_bytes(self, ratio: float = 1.0) -> float:
-        return sum(sp.other_bytes() for sp in self.spaces.values())
+    def other_bytes(self, ratio=1.0) -> float:
+        return sum(sp.other_bytes(self.ratio_of(m, ratio)) for m, sp in self.spaces.items())
 
     def pipelines(self, point: Point) -> dict[str, str]:
-        """Per model, the pipeline text that rebuilds it as in ``point``."""
+        """Per model, the pipeline text that rebuilds it as in ``point`` (a pruned model's text includes its
+        prune and recovery passes: replay those with the space's calibration / recovery feeds)."""
         from qcompile.passes.layer_config import format_configs, option_text
 
+        ratio = getattr(point, "prune", 1.0)
         out = {}
         for m, configs in self.per_model({n: LayerConfig.parse(c) for n, c in point.configs.items()}).items():
             text = format_configs(configs)
             act = option_text(self.spaces[m].act_bits, self.spaces[m].reduce_range)
-            out[m] = PREPARE + (f',layer-config{{configs="{text}"{act}}}' if text else "")
+            prune = self.spaces[m].prune_pipeline(self.ratio_of(m, ratio))
+            out[m] = (PREPARE + (f",{prune}" if prune else "")
+                      + (f',layer-config{{configs="{text}"{act}}}' if text else ""))
         return out
+
+
+class PipelineDecoded(NamedTuple):
+    """A pipeline genome decoded: ``prune`` (per-model ratios, or 1.0 when no model prunes) and every layer's
+    configuration; its pairs carry each layer's own model's ratio (what the latency cache is keyed by)."""
+
+    prune: tuple | float
+    configs: dict[str, LayerConfig]
+    space: "PipelineSpace"
+
+    def pairs(self) -> list[tuple[str, LayerConfig, float]]:
+        return [(name, cfg, self.space.ratio_of(name.partition(SEP)[0], self.prune))
+                for name, cfg in self.configs.items()]
 
 
 class WeightedLatencyCache:
@@ -219,11 +269,13 @@ def anchor_factors(space: PipelineSpace, cache, calls: Mapping[str, float] | Non
 
 
 def allocation(space: PipelineSpace, point: Point) -> dict[str, dict[str, int]]:
-    """How ``point`` spends its choices per model: layers per bit-width and factorized layers."""
-    out: dict[str, dict[str, int]] = {}
+    """How ``point`` spends its choices per model: its prune ratio, layers per bit-width and factorized layers."""
+    out: dict[str, dict] = {}
     for name, label in point.configs.items():
         cfg = LayerConfig.parse(label)
-        row = out.setdefault(name.partition(SEP)[0], {"fp32": 0, "int8": 0, "int4": 0, "tucker2": 0})
+        model = name.partition(SEP)[0]
+        row = out.setdefault(model, {"prune": space.ratio_of(model, getattr(point, "prune", 1.0)),
+                                     "fp32": 0, "int8": 0, "int4": 0, "tucker2": 0})
         row["fp32" if cfg.bits == 32 else f"int{cfg.bits}"] += 1
         row["tucker2"] += bool(cfg.rank)
     return out
@@ -261,7 +313,7 @@ def evaluate(space: PipelineSpace, models: PipelineModels, result: SearchResult,
     built = {}
     checked = pick(result.front, max_points)
     for k, p in enumerate(checked):
-        graphs = space.build_models({n: LayerConfig.parse(c) for n, c in p.configs.items()})
+        graphs = space.build_models({n: LayerConfig.parse(c) for n, c in p.configs.items()}, p.prune)
         built[id(p)] = (graphs, metric({m: reference_fn(g) for m, g in graphs.items()}))
         if progress:
             progress(f"end-to-end metric of front point {k + 1}/{len(checked)}: {built[id(p)][1]:.2f}")

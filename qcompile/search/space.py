@@ -13,16 +13,21 @@ passes) gets a list of :class:`LayerConfig` choices:
 Prune ratio is a *model-level* choice (it changes the shapes every layer sees).  For every ratio
 ``r < 1`` of ``prune_ratios`` the model is pruned once, before any per-layer choice, by the
 ``prune-channels`` pass with ``macs=r`` and ``criterion=prune_criterion`` and the calibration feeds
-in its context: :meth:`SearchSpace.prune_pipeline` gives that pass's text, and running it on the
+in its context (``prune_options``: its other options, e.g. ``min_keep``): :meth:`SearchSpace.prune_pipeline`
+gives that pass's text, and running it on the
 same graph with the same calibration feeds reproduces the pruned model exactly.  The pass keeps at
 most ``r`` of the conv/linear MACs with one keep ratio for every channel group, in multiples of its
 ``multiple``, so on a small model neighbouring ratios may prune to the same model
 (:attr:`SearchSpace.prune_stats` has the MAC ratio each reached).  Layer names survive pruning.
-With ``prune_finetune`` (fine-tune options) every pruned model is recovered right after pruning by
-the ``finetune`` pass (distillation from ``teacher``, the model before ``fold-bn``, so that replaying
-``fold-bn,dead-code,prune-channels{...},finetune{...}`` from the loaded model gives the same weights):
-pruning then happens *before* the per-layer choices, and the proxy and the accuracy checks see the
-recovered model instead of one that lost most of its accuracy to the cut.
+With ``prune_recovery`` (pipeline text of a training pass, e.g. ``finetune{data=mnist,epochs=5}`` or
+``distill{epochs=8}``) every pruned model is recovered right after pruning by that pass, with
+``teacher`` as the pass context's original model (the model before ``fold-bn``, so that replaying
+``fold-bn,dead-code,prune-channels{...},finetune{...}`` from the loaded model gives the same weights)
+and ``recovery_feeds`` (default: the calibration feeds) as its calibration, which ``distill`` trains
+on: pruning then happens *before* the per-layer choices, and the proxy and the accuracy checks see
+the recovered model instead of one that lost most of its accuracy to the cut.  ``pruned`` gives
+models already made by ``prune_pipeline(ratio)`` (e.g. an earlier run's files), which are used
+instead of pruning and training again.
 
 With more than one ratio a genome starts with the ratio's index in ``prune_ratios`` (sorted,
 largest first), followed by one choice index per layer.  Choices are stated for the *unpruned*
@@ -95,7 +100,10 @@ class SearchSpace:
                  bits: Sequence[int] = (8, 4), ranks_per_layer: int = 2, tucker_bits: Sequence[int] = (32, 8),
                  act_bits: int = 8, reduce_range: bool = False, multiple: int = 8, layers: str = "*",
                  exclude: str = "", prune_ratios: Sequence[float] = (1.0,), prune_criterion: str = "magnitude",
-                 prune_finetune=None, teacher: Graph | None = None):
+                 prune_options: Mapping[str, object] | None = None, prune_recovery: str = "",
+                 teacher: Graph | None = None,
+                 recovery_feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+                 pruned: Mapping[float, Graph] | None = None):
         ratios = sorted({float(r) for r in prune_ratios}, reverse=True)
         if not ratios or not all(0 < r <= 1 for r in ratios):
             raise ValueError(f"prune_ratios are MAC fractions in (0, 1], got {tuple(prune_ratios)}")
@@ -106,7 +114,17 @@ class SearchSpace:
         self.multiple = multiple
         self.prune_ratios = tuple(ratios)
         self.prune_criterion = prune_criterion
-        self.prune_finetune, self.teacher = prune_finetune, teacher
+        self.prune_options = dict(prune_options or {})
+        if prune_recovery:
+            from qcompile.passes import parse_pipeline
+
+            parse_pipeline(prune_recovery)  # a typo fails here, not after the first prune
+        self.prune_recovery, self.teacher = prune_recovery, teacher
+        self.recovery_feeds = list(recovery_feeds) if recovery_feeds is not None else None
+        self._given = {float(r): g for r, g in (pruned or {}).items()}
+        if set(self._given) - set(ratios):
+            raise ValueError(f"pruned models given for ratios {sorted(set(self._given) - set(ratios))} that are not "
+                             f"among prune_ratios {tuple(ratios)}")
         self._steps: dict[tuple[str, tuple[int, int]], list[L.Step]] = {}
         self._layer_graphs: dict[tuple[str, LayerConfig], Graph] = {}
         self.layers: list[Layer] = []
@@ -129,16 +147,22 @@ class SearchSpace:
     def _prune(self, ratio: float, **options) -> None:
         from qcompile.passes import PassManager, parse_pipeline
 
-        pm = PassManager(parse_pipeline(self.prune_pipeline(ratio)))
-        ctx = PassContext(calibration=self.calibration or None, original=self.teacher)
-        pruned = SearchSpace(pm.run(self.graph, ctx), self.calibration,
-                             bits=(), ranks_per_layer=0, **options)
+        if ratio in self._given:
+            graph, records = self._given[ratio], []
+            stats = {"mac_ratio": L.compute_macs(graph) / max(L.compute_macs(self.graph), 1), "given": True}
+        else:
+            pm = PassManager(parse_pipeline(self.prune_pipeline(ratio)))
+            feeds = self.recovery_feeds if self.recovery_feeds is not None else self.calibration
+            ctx = PassContext(calibration=feeds or None, original=self.teacher)
+            graph, records = pm.run(self.graph, ctx), list(pm.records)
+            stats = dict(records[0].stats)
+        pruned = SearchSpace(graph, self.calibration, bits=(), ranks_per_layer=0, **options)
         if [la.name for la in pruned.layers] != [la.name for la in self.layers]:
             raise RuntimeError(f"prune-channels (macs={ratio}) changed the searched layers: "
                                f"{[la.name for la in self.layers]} -> {[la.name for la in pruned.layers]}")
         self._pruned[ratio] = pruned
-        self.prune_stats[ratio] = dict(pm.records[0].stats)
-        self.prune_records[ratio] = list(pm.records)
+        self.prune_stats[ratio] = stats
+        self.prune_records[ratio] = records
         self._decoded[ratio] = [[self._scaled(c, la, pruned.layer(la.name), pruned.graph) for c in la.choices]
                                 for la in self.layers]
         for la, decoded in zip(pruned.layers, self._decoded[ratio]):
@@ -175,18 +199,17 @@ class SearchSpace:
     # ------------------------------------------------------------------ access
     def prune_pipeline(self, ratio: float) -> str:
         """The pipeline text that prunes ``graph`` as this space does at ``ratio`` ("" for 1.0), followed by
-        its recovery fine-tune when the space has one; run it with the space's calibration feeds in the pass
-        context (and the loaded model as the pipeline's input, the fine-tune's teacher) to reproduce the
-        pruned model."""
+        its recovery pass when the space has one; run it with the space's calibration feeds (the recovery
+        feeds, for a recovery that trains on them) in the pass context, and the loaded model as the
+        pipeline's input (the recovery's teacher), to reproduce the pruned model."""
         if ratio >= 1.0:
             return ""
         from qcompile.passes.pipeline import format_value
 
-        text = f"prune-channels{{macs={format_value(float(ratio))},criterion={format_value(self.prune_criterion)}}}"
-        if self.prune_finetune is not None:
-            from qcompile.passes.finetune import Finetune
-
-            text += "," + Finetune(self.prune_finetune).to_text()
+        options = {"macs": float(ratio), "criterion": self.prune_criterion, **self.prune_options}
+        text = "prune-channels{" + ",".join(f"{k}={format_value(v)}" for k, v in options.items()) + "}"
+        if self.prune_recovery:
+            text += "," + self.prune_recovery
         return text
 
     def _at(self, ratio: float) -> "SearchSpace":
