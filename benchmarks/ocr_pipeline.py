@@ -402,12 +402,14 @@ def recovery_text(args, model: str) -> str:
     return f"distill{{epochs={args.epochs},lr={args.lr:g}{dice}}}"
 
 
-def recovered_path(out: str, model: str, ratio: float, args, recovery: str, chain: bool = False) -> Path:
+def recovered_path(out: str, model: str, ratio: float, args, recovery: str, chain: str = "") -> Path:
     """Where the pruned + recovered ``model`` is kept: named by model and ratio, plus a hash of what made it
-    (min_keep, the recovery pass, the training images, whether cls / rec trained on a compressed det's crops)."""
+    (min_keep, the recovery pass, the training images, ``chain``: which compressed dets' crops cls / rec
+    trained on besides the original det's)."""
     import hashlib
 
-    key = f"{model}|{ratio:g}|min_keep={args.min_keep:g}|{recovery}|n_train={args.n_train}|seed=2|chain={chain}"
+    key = (f"{model}|{ratio:g}|min_keep={args.min_keep:g}|{recovery}|n_train={args.n_train}|seed=2"
+           + (f"|chain={chain}" if chain else ""))
     path = Path(out) / "recovered" / f"{model}-{ratio:g}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -603,6 +605,10 @@ def search_main(argv=None) -> dict:
                         help=f"{m}'s prune ratios (MAC fractions, comma-separated): a per-model gene; each pruned "
                              "model is recovered by distillation once, before the per-layer choices")
     _recovery_args(ap)
+    ap.add_argument("--chain", action="store_true",
+                    help="pruned cls / rec recover on the crops of the original det *and* of every pruned det "
+                         "(what they will see in any point), not the original det's alone")
+    ap.add_argument("--train-threads", type=int, default=2, help="torch threads while recovering pruned models")
     args = ap.parse_args(argv)
 
     import torch
@@ -630,15 +636,27 @@ def search_main(argv=None) -> dict:
     graphs = load_graphs(paths)
     bits = tuple(int(b) for b in args.bits.split(",") if b)
     ratios = {m: tuple(float(r) for r in getattr(args, f"prune_{m}").split(",")) for m in FILES}
-    train = None
+    train, chain = None, ""
     if any(r < 1 for rs in ratios.values() for r in rs):
-        train = calibration_feeds(orig["det"], [d["image"] for d in make_dataset(args.n_train, seed=2)],
-                                  max_crops=10 ** 6)
+        train_images = [d["image"] for d in make_dataset(args.n_train, seed=2)]
+        train = calibration_feeds(orig["det"], train_images, max_crops=10 ** 6)
+        if args.chain and any(r < 1 for r in ratios["det"]):
+            chain = (f"det={','.join(f'{r:g}' for r in ratios['det'] if r < 1)}:{recovery_text(args, 'det')}"
+                     f":min_keep={args.min_keep:g}")
     spaces = {}
     reduce_range = ort_needs_reduce_range(args.target)  # int8 weights on the 7-bit grid without VNNI
+    torch.set_num_threads(args.train_threads)
     for m, g in graphs.items():
         recovery = recovery_text(args, m)
-        files = {r: recovered_path(args.out, m, r, args, recovery) for r in ratios[m] if r < 1}
+        if m == "cls" and chain:  # det's space is built: cls / rec also train on what every pruned det finds
+            for r in (r for r in spaces["det"].prune_ratios if r < 1):
+                found = calibration_feeds(P.target_fn(spaces["det"].pruned_graph(r), "onnxruntime", 1), train_images,
+                                          max_crops=10 ** 6)
+                train = {k: v + found[k] if k != "det" else v for k, v in train.items()}
+            progress(f"--chain: cls / rec recover on {len(train['rec'])} crops (the original det's and every "
+                     "pruned det's)")
+        files = {r: recovered_path(args.out, m, r, args, recovery, chain=chain if m != "det" else "")
+                 for r in ratios[m] if r < 1}
         given = {r: load_model(str(f), {"x": INPUT_SHAPES[m]}).graph for r, f in files.items()
                  if args.reuse and f.exists()}
         tp = time.perf_counter()
@@ -653,6 +671,7 @@ def search_main(argv=None) -> dict:
                      f"{spaces[m].prune_stats[r].get('mac_ratio', float('nan')):.3f} of the MACs")
         if files:
             phases[f"prune + recover {m}"] = time.perf_counter() - tp
+    torch.set_num_threads(args.threads)
     space = P.PipelineSpace(spaces, proxy_glue(feeds, {m: P.reference_fn(g) for m, g in graphs.items()}))
     models = P.PipelineModels(graphs, feeds)
     progress(f"space: {len(space.layers)} layers ({', '.join(f'{m} {len(sp.layers)}' for m, sp in spaces.items())}), "
@@ -786,7 +805,8 @@ def recover_main(argv=None) -> dict:
         text = "" if r >= 1 else f"prune-channels{{macs={r:g},min_keep={args.min_keep:g}}},{recovery}"
         t0 = time.perf_counter()
         pm = PassManager(parse_pipeline(text))
-        f = recovered_path(args.out, m, r, args, recovery, chain=args.chain and m != "det")
+        f = recovered_path(args.out, m, r, args, recovery,
+                           chain=f"only det={args.det_macs:g}" if args.chain and m != "det" else "")
         if text and args.reuse and f.exists():
             compressed[m] = load_model(str(f), {"x": INPUT_SHAPES[m]}).graph
         else:
