@@ -192,6 +192,31 @@ def test_capture_returns_intermediate_values(digits):
     assert got[conv.outputs[0]].shape == (3,) + g.types[conv.outputs[0]].shape[1:]
 
 
+def _pool_then_reshape(target) -> Graph:
+    """conv -> relu -> global average pool (2, 10, 1, 1) -> reshape to ``target``."""
+    g = conv_graph(linear=False)
+    p = g.append(g.make_node("global_avg_pool", [g.outputs[0]], name="gap"))
+    g.outputs = [g.append(g.make_node("reshape", [p.outputs[0]], {"shape": target}, name="r")).outputs[0]]
+    return g
+
+
+def test_capture_batches_reshapes_that_keep_the_batch_axis():
+    """A reshape keeping axis 0 ((2, 10, 1, 1) -> (2, 10)) runs batched, and batched capture gives what
+    one feed at a time gives (fp32: the same sums); one folding the batch into another axis does not."""
+    from qcompile.factorize.layers import _batch_free
+
+    g = _pool_then_reshape((2, 10))
+    assert _batch_free(g)
+    assert not _batch_free(_pool_then_reshape((20,)))
+    assert not _batch_free(_pool_then_reshape((10, 2)))
+    rng = np.random.default_rng(0)
+    fs = [{"x": rng.standard_normal((2, 6, 9, 9)).astype(np.float32)} for _ in range(5)]
+    batched = capture(g, fs, g.outputs)[g.outputs[0]]
+    one_by_one = np.concatenate([capture(g, [f], g.outputs)[g.outputs[0]] for f in fs])
+    assert batched.shape == (10, 10)
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-6)
+
+
 def test_latency_budget_uses_measured_latency():
     """latency=0.6: ranks chosen so the layers' measured (interpolated) latency fits 60 % of the original's."""
     g = conv_graph(cin=64, cout=64, hw=28, linear=False)

@@ -86,12 +86,15 @@ def splice(graph: Graph, node: Node, steps: Sequence[Step], provenance: Mapping[
 
 def _batch_free(graph: Graph) -> bool:
     """Whether feeds may be stacked along axis 0 and run as one batch: no node fixes the batch size
-    (a reshape's static target shape) or computes across axis 0 (flatten, concat, softmax, transpose,
-    slice, mean or layer norm over it)."""
+    (a reshape's static target shape, unless it keeps axis 0 as it is: ``(1, C, 1, 1) -> (1, C)``, which
+    the reference interpreter runs with the batch it gets) or computes across axis 0 (flatten, concat,
+    softmax, transpose, slice, mean or layer norm over it)."""
     for n in graph.nodes:
-        rank = max(len(graph.types[n.inputs[0]].shape), 1) if n.inputs else 1
+        shape = graph.types[n.inputs[0]].shape if n.inputs else ()
+        rank = max(len(shape), 1)
         a = n.attrs
-        if n.op == "reshape" \
+        keeps_batch = n.op == "reshape" and len(shape) > 0 and len(a["shape"]) > 0 and a["shape"][0] == shape[0]
+        if (n.op == "reshape" and not keeps_batch) \
                 or (n.op in ("flatten", "concat", "softmax") and a["axis"] % rank == 0) \
                 or (n.op == "transpose" and tuple(a["perm"])[0] != 0) \
                 or (n.op in ("slice", "reduce_mean", "layer_norm") and any(ax % rank == 0 for ax in a["axes"])):

@@ -13,9 +13,9 @@ passes) gets a list of :class:`LayerConfig` choices:
 Prune ratio is a *model-level* choice (it changes the shapes every layer sees).  For every ratio
 ``r < 1`` of ``prune_ratios`` the model is pruned once, before any per-layer choice, by the
 ``prune-channels`` pass with ``macs=r`` and ``criterion=prune_criterion`` and the calibration feeds
-in its context (``prune_options``: its other options, e.g. ``min_keep``): :meth:`SearchSpace.prune_pipeline`
-gives that pass's text, and running it on the
-same graph with the same calibration feeds reproduces the pruned model exactly.  The pass keeps at
+in its context (``prune_options``: its other options, e.g. ``min_keep``):
+:meth:`SearchSpace.prune_pipeline` gives that pass's text, and running it on the same graph with the
+same feeds reproduces the pruned model exactly.  The pass keeps at
 most ``r`` of the conv/linear MACs with one keep ratio for every channel group, in multiples of its
 ``multiple``, so on a small model neighbouring ratios may prune to the same model
 (:attr:`SearchSpace.prune_stats` has the MAC ratio each reached).  Layer names survive pruning.
@@ -199,9 +199,9 @@ class SearchSpace:
     # ------------------------------------------------------------------ access
     def prune_pipeline(self, ratio: float) -> str:
         """The pipeline text that prunes ``graph`` as this space does at ``ratio`` ("" for 1.0), followed by
-        its recovery pass when the space has one; run it with the space's calibration feeds (the recovery
-        feeds, for a recovery that trains on them) in the pass context, and the loaded model as the
-        pipeline's input (the recovery's teacher), to reproduce the pruned model."""
+        its recovery pass when the space has one; run it with the space's recovery feeds (default: its
+        calibration feeds) in the pass context, and the loaded model as the pipeline's input (the
+        recovery's teacher), to reproduce the pruned model."""
         if ratio >= 1.0:
             return ""
         from qcompile.passes.pipeline import format_value
