@@ -205,3 +205,16 @@ def test_search_with_prune_ratios_honours_a_tight_budget(digits, pruned_space, t
         assert p.measured and p.latency_ratio <= 0.6 and p.prune in pruned_space.prune_ratios
         assert set(p.configs) == {la.name for la in pruned_space.layers}
     json.dumps(r.to_json())
+
+
+def test_search_over_a_space_smaller_than_its_population_stops_cleanly(digits, tmp_path):
+    """Prune ratios only (no bits, no ranks): 3 genomes.  Once every genome the operators can reach is
+    evaluated, NSGA-II has nothing new to ask for; the search stops there with every genome in the archive
+    instead of failing."""
+    graph, calib, _ = digits
+    space = SearchSpace(graph, calib, bits=(), ranks_per_layer=0, prune_ratios=(1.0, 0.75, 0.5))
+    assert all(len(la.choices) == 1 for la in space.layers)
+    r = search(graph, calib, space=space, cache=LatencyCache("onnxruntime", tmp_path / "o.json"),
+               pop_size=8, generations=5, seed=0)
+    assert r.feasible and r.evaluations == 3 and r.generations < 5
+    assert {p.prune for p in r.front} <= {1.0, 0.75, 0.5} and non_dominated(r.front) == r.front

@@ -296,6 +296,8 @@ def search(graph: Graph, calibration: Sequence[Mapping[str, np.ndarray]], *, bac
     gens = 0
     while algorithm.has_next():
         pop = algorithm.ask()
+        if pop is None or len(pop) == 0:  # every genome the operators reach is evaluated (a small space)
+            break
         F, G = evaluate(pop.get("X"))
         Evaluator().eval(StaticProblem(problem, F=F, G=G), pop)
         algorithm.tell(infills=pop)
