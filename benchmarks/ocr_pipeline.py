@@ -744,8 +744,9 @@ def search_main(argv=None) -> dict:
 
     print(f"\noriginal pipeline: char acc {base}; per image: "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in doc.get("original_ms_per_image", {}).items()))
-    print("| allocation (per model: prune ratio, layers fp32/int8/int4/tucker2) | char acc | drop | ms/image | vs ORT fp32 "
-          "| vs " + args.target + " fp32 | predicted ratio | weight bytes |")
+    print("| allocation (per model: prune ratio, layers fp32/int8/int4/tucker2) | char acc | drop | ms/image "
+          "| vs original files on onnxruntime fp32 | vs fold-bn on " + args.target + " fp32 | predicted ratio "
+          "| weight bytes |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         alloc = "; ".join(f"{m}{'' if a['prune'] == 1 else ' pruned ' + format(a['prune'], 'g')} "
