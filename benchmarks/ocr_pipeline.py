@@ -402,10 +402,17 @@ def recovery_text(args, model: str) -> str:
     return f"distill{{epochs={args.epochs},lr={args.lr:g}{dice}}}"
 
 
+def chain_key(args, det_ratios, prefix: str = "") -> str:
+    """What the crops a chained cls / rec trains on depend on: the pruned dets (their ratios, recovery and
+    min_keep), after ``prefix`` (e.g. whether the original det's crops are included)."""
+    return (f"{prefix}det={','.join(f'{r:g}' for r in det_ratios)}:{recovery_text(args, 'det')}"
+            f":min_keep={args.min_keep:g}")
+
+
 def recovered_path(out: str, model: str, ratio: float, args, recovery: str, chain: str = "") -> Path:
-    """Where the pruned + recovered ``model`` is kept: named by model and ratio, plus a hash of what made it
-    (min_keep, the recovery pass, the training images, ``chain``: which compressed dets' crops cls / rec
-    trained on besides the original det's)."""
+    """Where the pruned + recovered ``model`` is kept (its folder is created): named by model and ratio,
+    plus a hash of what made it (min_keep, the recovery pass, the training images, ``chain``: the
+    :func:`chain_key` of the compressed dets whose crops cls / rec trained on)."""
     import hashlib
 
     key = (f"{model}|{ratio:g}|min_keep={args.min_keep:g}|{recovery}|n_train={args.n_train}|seed=2"
@@ -641,8 +648,7 @@ def search_main(argv=None) -> dict:
         train_images = [d["image"] for d in make_dataset(args.n_train, seed=2)]
         train = calibration_feeds(orig["det"], train_images, max_crops=10 ** 6)
         if args.chain and any(r < 1 for r in ratios["det"]):
-            chain = (f"det={','.join(f'{r:g}' for r in ratios['det'] if r < 1)}:{recovery_text(args, 'det')}"
-                     f":min_keep={args.min_keep:g}")
+            chain = chain_key(args, [r for r in ratios["det"] if r < 1])
     spaces = {}
     reduce_range = ort_needs_reduce_range(args.target)  # int8 weights on the 7-bit grid without VNNI
     torch.set_num_threads(args.train_threads)
@@ -807,7 +813,7 @@ def recover_main(argv=None) -> dict:
         t0 = time.perf_counter()
         pm = PassManager(parse_pipeline(text))
         f = recovered_path(args.out, m, r, args, recovery,
-                           chain=f"only det={args.det_macs:g}" if args.chain and m != "det" else "")
+                           chain=chain_key(args, [args.det_macs], "only ") if args.chain and m != "det" else "")
         if text and args.reuse and f.exists():
             compressed[m] = load_model(str(f), {"x": INPUT_SHAPES[m]}).graph
         else:
