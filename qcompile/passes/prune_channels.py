@@ -2,8 +2,9 @@
 
 Whole output channels are removed together with every weight that reads or writes them: the
 channel coupling analysis (:mod:`qcompile.prune.groups`) follows batch norms, activations, pools,
-resizes, depthwise convs, transposed convs (pruned like convs), residual adds (both branches lose the same channels), concatenations (each branch
-is pruned on its own, the concatenation follows) and flattens into linear layers.
+resizes, depthwise convs, transposed convs (pruned like convs), residual adds (both branches lose the
+same channels), concatenations (each branch is pruned on its own, the concatenation follows) and
+flattens into linear layers.
 
 Budget: ``macs=R`` keeps at most ``R`` of the conv/linear MACs (exact, by one keep ratio for every
 group, :mod:`qcompile.prune.budget`), or ``latency=R`` keeps at most ``R`` of the whole model's
