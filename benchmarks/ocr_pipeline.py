@@ -643,24 +643,32 @@ def search_main(argv=None) -> dict:
     graphs = load_graphs(paths)
     bits = tuple(int(b) for b in args.bits.split(",") if b)
     ratios = {m: tuple(float(r) for r in getattr(args, f"prune_{m}").split(",")) for m in FILES}
-    train, chain = None, ""
-    if any(r < 1 for rs in ratios.values() for r in rs):
-        train_images = [d["image"] for d in make_dataset(args.n_train, seed=2)]
-        train = calibration_feeds(orig["det"], train_images, max_crops=10 ** 6)
-        if args.chain and any(r < 1 for r in ratios["det"]):
-            chain = chain_key(args, [r for r in ratios["det"] if r < 1])
+    chain = chain_key(args, [r for r in ratios["det"] if r < 1]) if args.chain and min(ratios["det"]) < 1 else ""
+    train: dict[str, list] = {}  # recovery feeds, made only when some pruned model is not reused
+    train_images: list[np.ndarray] = []
+    chained = False
+
+    def recovery_feeds(m: str) -> list[dict]:
+        nonlocal chained
+        if not train_images:
+            train_images.extend(d["image"] for d in make_dataset(args.n_train, seed=2))
+            train.update(calibration_feeds(orig["det"], train_images, max_crops=10 ** 6))
+        if m != "det" and chain and not chained:  # det's space is built (FILES order): add what every pruned
+            chained = True                          # det finds to cls's / rec's crops
+            for r in (r for r in spaces["det"].prune_ratios if r < 1):
+                det_r = P.target_fn(spaces["det"].pruned_graph(r), "onnxruntime", 1)
+                for k, v in calibration_feeds(det_r, train_images, max_crops=10 ** 6).items():
+                    if k != "det":
+                        train[k] += v
+            progress(f"--chain: cls / rec recover on {len(train['rec'])} crops (the original det's and every "
+                     "pruned det's)")
+        return train[m]
+
     spaces = {}
     reduce_range = ort_needs_reduce_range(args.target)  # int8 weights on the 7-bit grid without VNNI
     torch.set_num_threads(args.train_threads)
     for m, g in graphs.items():
         recovery = recovery_text(args, m)
-        if m == "cls" and chain:  # det's space is built: cls / rec also train on what every pruned det finds
-            for r in (r for r in spaces["det"].prune_ratios if r < 1):
-                found = calibration_feeds(P.target_fn(spaces["det"].pruned_graph(r), "onnxruntime", 1), train_images,
-                                          max_crops=10 ** 6)
-                train = {k: v + found[k] if k != "det" else v for k, v in train.items()}
-            progress(f"--chain: cls / rec recover on {len(train['rec'])} crops (the original det's and every "
-                     "pruned det's)")
         files = {r: recovered_path(args.out, m, r, args, recovery, chain=chain if m != "det" else "")
                  for r in ratios[m] if r < 1}
         given = {r: load_model(str(f), {"x": INPUT_SHAPES[m]}).graph for r, f in files.items()
@@ -669,7 +677,8 @@ def search_main(argv=None) -> dict:
         spaces[m] = SearchSpace(g, feeds[m], bits=bits, ranks_per_layer=args.ranks, reduce_range=reduce_range,
                                 layers=searched_layers(g, args.min_macs, args.min_layers), prune_ratios=ratios[m],
                                 prune_options={"min_keep": args.min_keep}, prune_recovery=recovery, teacher=g,
-                                recovery_feeds=train[m] if train else None, pruned=given)
+                                recovery_feeds=recovery_feeds(m) if len(given) < len(files) else None,
+                                pruned=given)
         for r, f in files.items():
             if r not in given:
                 save_onnx(spaces[m].pruned_graph(r), f)
