@@ -837,6 +837,11 @@ def recover_main(argv=None) -> dict:
         if m == "det" and args.chain and text:  # cls / rec (after det in FILES) train on the compressed det's crops
             train = calibration_feeds(target_fn(compressed["det"], "onnxruntime", args.threads), train_images,
                                       max_crops=10 ** 6)
+            if len(train["rec"]) < 2:
+                raise SystemExit(f"recover --chain: det pruned to {res['models']['det']['mac_ratio']:.3f} of its MACs "
+                                 f"finds {len(train['rec'])} text lines on the {len(train_images)} training images, "
+                                 "so cls / rec have no crops to recover on: its recovery failed "
+                                 f"({res['models']['det']['distill']})")
     fns = {"onnxruntime fp32, original files": orig,
            f"{args.target}, fold-bn only": {m: target_fn(g, args.target, args.threads) for m, g in graphs.items()},
            f"{args.target}, pruned + distilled": {m: target_fn(g, args.target, args.threads)

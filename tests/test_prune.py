@@ -23,6 +23,7 @@ from qcompile.errors import PipelineError, PreconditionError
 from qcompile.factorize.layers import compute_macs
 from qcompile.ir.verifier import verify
 from qcompile.passes import PassContext, PassManager, parse_pipeline
+from qcompile.prune import budget as B
 from qcompile.prune import select as S
 from qcompile.prune.groups import channel_groups
 from qcompile.prune.rewrite import drops_by_value, remove_channels
@@ -141,6 +142,41 @@ def test_mac_budget_is_met_or_refused(graph, macs, multiple):
         return
     verify(out)
     assert compute_macs(out) <= round(macs, 3) * before + 1e-6
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=random_cnns(), macs=st.floats(0.2, 0.95), multiple=st.sampled_from([4, 8]))
+def test_mac_budget_is_filled_to_within_one_step(graph, macs, multiple):
+    """Rounding one keep ratio to multiples can land far under the budget; after the fill, no group can
+    take ``multiple`` more channels without breaking it."""
+    groups = channel_groups(graph)
+    eligible = [i for i, g in enumerate(groups) if g.sources and g.prunable]
+    if not eligible:
+        return
+    try:
+        _, counts = B.counts_for_macs(graph, groups, eligible, macs, multiple, 0.1)
+    except PipelineError:
+        return
+    budget = macs * compute_macs(graph)
+    assert B.macs_after(graph, groups, counts) <= budget
+    for gi, k in counts.items():
+        if k < groups[gi].size:
+            assert B.macs_after(graph, groups, {**counts, gi: min(groups[gi].size, k + multiple)}) > budget
+
+
+def test_rounding_cliff_is_filled():
+    """24-channel groups keep 16 at ratio 0.5 but 8 just below it: a budget between the two must not fall
+    to the lower one (the RapidOCR detector's head was cut to 0.205 of its MACs when asked for 0.30)."""
+    g = build_cnn(2, [("conv", 24), ("conv", 24), ("conv", 24)], head_gap=True, hidden=0)
+    before = compute_macs(g)
+    groups = channel_groups(g)
+    eligible = [i for i, gr in enumerate(groups) if gr.sources and gr.prunable]
+    lowest = B.macs_after(g, groups, B.keep_counts(groups, eligible, 0.49, 8, 0.1)) / before
+    highest = B.macs_after(g, groups, B.keep_counts(groups, eligible, 0.5, 8, 0.1)) / before
+    target = (lowest + highest) / 2
+    out = PassManager(parse_pipeline(f"prune-channels{{macs={target:.4f},min_keep=0.1}}")).run(g)
+    got = compute_macs(out) / before
+    assert lowest < got <= target + 1e-9, (lowest, got, target, highest)
 
 
 def test_impossible_budget_names_the_reachable_minimum():

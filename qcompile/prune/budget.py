@@ -9,6 +9,12 @@ One keep ratio ``r`` for every eligible group: group ``g`` of ``n_g`` channels k
 need no rewrite: a conv/linear keeps ``(1 - d_in/C_in)(1 - d_out/C_out)`` of its MACs
 (depthwise: ``1 - d/C``), with ``d`` the channels its input / output value loses.  ``K_g`` is
 non-decreasing in ``r``, so the largest ``r`` meeting the budget is found by bisection.
+
+Rounding to multiples makes ``K_g(r)`` jump: a 24-channel group keeps 16 at ``r = 0.5`` but 8 just
+below it, so the bisection's ``r`` can land far under the budget (a detector asked for 0.30 of its
+MACs got 0.205, its 24-channel high-resolution head cut to 8).  So the budget is then filled:
+``multiple`` channels at a time go back to the group kept furthest below ``r`` (smallest
+``K_g / n_g``; ties to the cheaper addition) while the MACs stay within the budget.
 """
 
 from __future__ import annotations
@@ -80,4 +86,26 @@ def counts_for_macs(graph: Graph, groups: Sequence[ChannelGroup], eligible: Sequ
             lo = mid
         else:
             hi = mid
-    return lo, keep_counts(groups, eligible, lo, multiple, min_keep)
+    return lo, fill_budget(graph, groups, keep_counts(groups, eligible, lo, multiple, min_keep), target * before,
+                           multiple)
+
+
+def fill_budget(graph: Graph, groups: Sequence[ChannelGroup], counts: dict[int, int], budget: float,
+                multiple: int) -> dict[int, int]:
+    """``counts`` with ``multiple`` channels at a time given back, each to the group with the smallest kept
+    fraction ``K_g / n_g`` (ties: the addition costing fewer MACs) whose addition keeps the MACs at most
+    ``budget``; stops when no group can grow."""
+    counts = dict(counts)
+    while True:
+        best = None
+        for gi in sorted((gi for gi in counts if counts[gi] < groups[gi].size),
+                         key=lambda gi: counts[gi] / groups[gi].size):
+            if best is not None and counts[gi] / groups[gi].size > best[0] + 1e-12:
+                break
+            trial = {**counts, gi: min(groups[gi].size, counts[gi] + multiple)}
+            m = macs_after(graph, groups, trial)
+            if m <= budget and (best is None or m < best[2]):
+                best = (counts[gi] / groups[gi].size, gi, m, trial)
+        if best is None:
+            return counts
+        counts = best[3]
