@@ -15,12 +15,12 @@ against the distilled IR.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from qcompile.errors import PreconditionError
 from qcompile.ir.graph import Graph
-from qcompile.passes.base import Pass, PassContext, PassResult
-from qcompile.passes.finetune import _finite
+from qcompile.passes.base import PassContext, PassResult
+from qcompile.passes.training import TrainingPass
+from qcompile.passes.training import finite as _finite
 
 VAL_EVERY = 5
 """Every VAL_EVERY-th calibration feed (0, 5, 10, ...) is held out for validation."""
@@ -38,18 +38,13 @@ class DistillOptions:
     seed: int = field(default=0, metadata={"doc": "batch order seed"})
 
 
-class Distill(Pass):
+class Distill(TrainingPass):
     """Distils ``ctx.original`` (or ``teacher``) into the graph on the calibration feeds."""
 
     name = "distill"
     Options = DistillOptions
     exact = False
     summary = "label-free recovery: train the outputs to match the original's on calibration inputs"
-
-    def __init__(self, options: Any = None, *, teacher: Any = None,
-                 progress: bool | Callable[[dict[str, float]], Any] = True, **kwargs: Any):
-        super().__init__(options, **kwargs)
-        self.teacher, self.progress = teacher, progress
 
     def call(self, graph: Graph, ctx: PassContext) -> PassResult:
         from qcompile.distill import distill

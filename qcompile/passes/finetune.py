@@ -13,12 +13,13 @@ against the fine-tuned IR.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from qcompile.ir.graph import Graph
-from qcompile.passes.base import Pass, PassContext, PassResult
+from qcompile.passes.base import PassContext, PassResult
+from qcompile.passes.training import TrainingPass
+from qcompile.passes.training import finite as _finite
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,7 @@ class FinetuneOptions:
     seed: int = field(default=0, metadata={"doc": "batch order seed"})
 
 
-def _finite(v: float) -> float | None:
-    return None if math.isnan(v) or math.isinf(v) else round(float(v), 6)
-
-
-class Finetune(Pass):
+class Finetune(TrainingPass):
     """Fine-tunes the graph it is given (QAT for quantized graphs) on ``data``, distilling from
     ``teacher`` when one is given, else from ``ctx.original`` (the pipeline's input graph)."""
 
@@ -46,11 +43,6 @@ class Finetune(Pass):
     Options = FinetuneOptions
     exact = False
     summary = "knowledge-distillation / quantization-aware fine-tune on real labelled data"
-
-    def __init__(self, options: Any = None, *, teacher: Any = None,
-                 progress: bool | Callable[[dict[str, float]], Any] = True, **kwargs: Any):
-        super().__init__(options, **kwargs)
-        self.teacher, self.progress = teacher, progress
 
     def call(self, graph: Graph, ctx: PassContext) -> PassResult:
         from qcompile.finetune import accuracy, finetune, load_training_data, weight_grids

@@ -6,8 +6,8 @@ resizes, depthwise convs, transposed convs (pruned like convs), residual adds (b
 same channels), concatenations (each branch is pruned on its own, the concatenation follows) and
 flattens into linear layers.
 
-Budget: ``macs=R`` keeps at most ``R`` of the conv/linear MACs (exact, by one keep ratio for every
-group, :mod:`qcompile.prune.budget`), or ``latency=R`` keeps at most ``R`` of the whole model's
+Budget: ``macs=R`` keeps at most ``R`` of the conv/linear MACs (one keep ratio for every group, then
+the budget filled ``multiple`` channels at a time, :mod:`qcompile.prune.budget`), or ``latency=R`` keeps at most ``R`` of the whole model's
 *measured* latency on ``backend`` (the model pruned at ``probes`` keep ratios is built and timed
 interleaved with the original; the ratio meeting the budget is interpolated between probes, then
 its MACs are met exactly).  Selection within a group (:mod:`qcompile.prune.select`): ``magnitude``
