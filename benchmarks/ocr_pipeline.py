@@ -406,7 +406,7 @@ def chain_key(args, det_ratios, prefix: str = "") -> str:
     """What the crops a chained cls / rec trains on depend on: the pruned dets (their ratios, recovery and
     min_keep), after ``prefix`` (e.g. whether the original det's crops are included)."""
     return (f"{prefix}det={','.join(f'{r:g}' for r in det_ratios)}:{recovery_text(args, 'det')}"
-            f":min_keep={args.min_keep:g}")
+            f":min_keep={args.min_keep:g}" + (":progressive" if getattr(args, "progressive", False) else ""))
 
 
 def recovered_path(out: str, model: str, ratio: float, args, recovery: str, chain: str = "") -> Path:
@@ -616,6 +616,9 @@ def search_main(argv=None) -> dict:
                     help="pruned cls / rec recover on the crops of the original det *and* of every pruned det "
                          "(what they will see in any point), not the original det's alone")
     ap.add_argument("--train-threads", type=int, default=2, help="torch threads while recovering pruned models")
+    ap.add_argument("--progressive", action="store_true",
+                    help="prune each ratio from the next larger ratio's recovered model (SearchSpace "
+                         "prune_progressive), not from the original at once")
     args = ap.parse_args(argv)
 
     import torch
@@ -669,7 +672,9 @@ def search_main(argv=None) -> dict:
     torch.set_num_threads(args.train_threads)
     for m, g in graphs.items():
         recovery = recovery_text(args, m)
-        files = {r: recovered_path(args.out, m, r, args, recovery, chain=chain if m != "det" else "")
+        files = {r: recovered_path(args.out, m, r, args, recovery + (
+                     f"|progressive from {','.join(f'{q:g}' for q in sorted(ratios[m]) if r < q < 1)}"
+                     if args.progressive else ""), chain=chain if m != "det" else "")
                  for r in ratios[m] if r < 1}
         given = {r: load_model(str(f), {"x": INPUT_SHAPES[m]}).graph for r, f in files.items()
                  if args.reuse and f.exists()}
@@ -678,7 +683,7 @@ def search_main(argv=None) -> dict:
                                 layers=searched_layers(g, args.min_macs, args.min_layers), prune_ratios=ratios[m],
                                 prune_options={"min_keep": args.min_keep}, prune_recovery=recovery, teacher=g,
                                 recovery_feeds=recovery_feeds(m) if len(given) < len(files) else None,
-                                pruned=given)
+                                pruned=given, prune_progressive=args.progressive)
         for r, f in files.items():
             if r not in given:
                 save_onnx(spaces[m].pruned_graph(r), f)

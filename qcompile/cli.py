@@ -169,11 +169,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
                               use_predictor=not args.no_predictor, finalists=args.finalists,
                               check_points=args.check_points, rounds=args.rounds,
                               finetune_epochs=args.finetune_epochs, finetune_points=args.finetune_points,
-                              prune_finetune_epochs=args.prune_finetune_epochs, threads=args.threads)
+                              prune_finetune_epochs=args.prune_finetune_epochs,
+                              prune_progressive=args.prune_progressive, threads=args.threads)
     if args.finetune_epochs < 0 or args.finetune_points < 0 or args.prune_finetune_epochs < 0:
         raise InputError("--finetune-epochs, --finetune-points and --prune-finetune-epochs must be >= 0")
     if args.prune_finetune_epochs and len(settings.prune_ratios) == 1:
         raise InputError("--prune-finetune-epochs fine-tunes pruned models: offer prune ratios below 1 with --prune")
+    if args.prune_progressive and not args.prune_finetune_epochs:
+        raise InputError("--prune-progressive prunes each ratio from the next larger ratio's fine-tuned model: "
+                         "it needs --prune-finetune-epochs N")
     doc = search_and_compile(args.model, args.target, args.out, settings,
                              input_shapes=parse_input_shapes(args.input_shape), calibration=args.calib,
                              num_calibration=args.num_calib, force=args.force,
@@ -400,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prune-finetune-epochs", type=int, default=0,
                    help="fine-tune every pruned model (distillation from the original) for up to N epochs right "
                         "after pruning, before the per-layer choices are searched on it (default 0: off)")
+    s.add_argument("--prune-progressive", action="store_true",
+                   help="with --prune-finetune-epochs: prune each ratio from the next larger ratio's fine-tuned "
+                        "model (in steps), not from the original at once")
     s.add_argument("--threads", type=int, default=None,
                    help="runtime threads of every latency measurement (default: every usable core); use 1 on a "
                         "shared machine: a parallel kernel waits for all its threads, and one descheduled thread "

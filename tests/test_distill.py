@@ -154,3 +154,29 @@ def test_search_space_recovers_pruned_models_by_distillation_on_recovery_feeds(d
     assert after > before + 30, (before, after)  # measured: 22.5 -> 87.2 % (original 98.9 %) at 0.28 of the MACs
     with pytest.raises(Exception, match="no-such-pass"):
         SearchSpace(g, calib, prune_ratios=(1.0, 0.4), prune_recovery="no-such-pass")
+
+
+def test_progressive_pruning_steps_from_the_previous_recovered_model_and_replays(digits):
+    """``prune_progressive``: 0.3 is cut from 0.6's *recovered* model (only the rest of the MACs), and its
+    pipeline text (both steps) replays from the original model to the same network."""
+    from qcompile.passes.manager import run_reference, within_fp32_tolerance
+    from qcompile.search import SearchSpace
+
+    g, split = digits
+    xtr = split.train[0]
+    calib, feeds = _feeds(xtr[:8]), _feeds(xtr[:300])
+    text = "distill{epochs=2,lr=0.003,batch_size=16}"
+    kw = dict(prune_ratios=(1.0, 0.6, 0.3), bits=(), ranks_per_layer=0, prune_options={"min_keep": 0.1},
+              prune_recovery=text, recovery_feeds=feeds, teacher=g)
+    space = SearchSpace(g, calib, **kw, prune_progressive=True)
+    p6, p3 = space.prune_pipeline(0.6), space.prune_pipeline(0.3)
+    assert p3.startswith(p6 + ",prune-channels{macs=") and p3.count(text) == 2, p3
+    assert space.prune_stats[0.3]["from_ratio"] == 0.6 and space.prune_stats[0.3]["mac_ratio"] <= 0.3 + 1e-9
+    assert [r.name for r in space.prune_records[0.3]] == ["prune-channels", "distill"]  # only the second step
+    for la in space.layers:  # the 0.3 model keeps a subset of the 0.6 model's channels
+        assert all(a <= b for a, b in zip(space.layer(la.name, 0.3).weight_shape, space.layer(la.name, 0.6).weight_shape))
+    replayed = PassManager(parse_pipeline(p3)).run(g, PassContext(calibration=feeds, original=g))
+    x = calib[:4]
+    assert within_fp32_tolerance(run_reference(replayed, x), run_reference(space.pruned_graph(0.3), x), 1e-4, 1e-5)
+    with pytest.raises(ValueError, match="prune_progressive.*needs prune_recovery"):
+        SearchSpace(g, calib, prune_ratios=(1.0, 0.5), prune_progressive=True)

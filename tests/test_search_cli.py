@@ -216,3 +216,6 @@ def test_pruned_models_are_fine_tuned_once_before_the_search(tmp_path, monkeypat
     assert main(["search", DIGITS, "-t", "onnxruntime", "-o", str(tmp_path / "o2"), "--prune-finetune-epochs", "1",
                  *SMALL]) == 2  # nothing to fine-tune without a prune ratio below 1
     assert "offer prune ratios below 1" in capsys.readouterr().err
+    assert main(["search", DIGITS, "-t", "onnxruntime", "-o", str(tmp_path / "o3"), "--prune", "1,0.5",
+                 "--prune-progressive", *SMALL]) == 2  # steps from fine-tuned models need a fine-tune
+    assert "--prune-progressive" in capsys.readouterr().err

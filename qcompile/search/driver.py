@@ -43,6 +43,7 @@ class SearchSettings:
     finetune_epochs: int = 0  # > 0: fine-tune checked points that miss the accuracy drop (finalists.recover)
     finetune_points: int = 4
     prune_finetune_epochs: int = 0  # > 0: every pruned model is fine-tuned this long before per-layer choices
+    prune_progressive: bool = False  # each ratio pruned from the next larger ratio's fine-tuned model
     threads: int | None = None  # runtime threads of every timing (None: every usable core)
     space_options: dict = field(default_factory=dict)
 
@@ -142,7 +143,9 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
             say(f"pruning at {', '.join(f'{r:g}' for r in settings.prune_ratios if r < 1)} of the MACs, each pruned "
                 f"model fine-tuned for up to {settings.prune_finetune_epochs} epochs on {data.name}")
             recovery = Finetune(FinetuneOptions(data=data.name, epochs=settings.prune_finetune_epochs)).to_text()
-            space_kw.update(prune_recovery=recovery, teacher=loaded.graph)
+            space_kw.update(prune_recovery=recovery, teacher=loaded.graph, prune_progressive=settings.prune_progressive)
+            if settings.prune_progressive:
+                say("progressive: each ratio is pruned from the next larger ratio's fine-tuned model")
     space = SearchSpace(graph, loaded.calibration, **space_kw)
     say(f"search space: {len(space.layers)} layers, {space.size} (layer, configuration) pairs; target {target}")
     from qcompile.progress import enabled as bars_enabled
@@ -180,7 +183,7 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
                        "use_predictor": settings.use_predictor, "finetune_epochs": settings.finetune_epochs,
                        "finetune_points": settings.finetune_points,
                        "prune_finetune_epochs": settings.prune_finetune_epochs,
-                       "threads": settings.threads, "reduce_range": space.reduce_range}
+                       "prune_progressive": settings.prune_progressive, "threads": settings.threads, "reduce_range": space.reduce_range}
     if data.test is not None:
         from qcompile.finetune import accuracy
 
