@@ -409,6 +409,13 @@ def chain_key(args, det_ratios, prefix: str = "") -> str:
             f":min_keep={args.min_keep:g}" + (":progressive" if getattr(args, "progressive", False) else ""))
 
 
+def progressive_key(args, ratios, r: float) -> str:
+    """With ``--progressive``, what ``r``'s pruned model also depends on: the larger ratios below 1 it is cut
+    from in steps ("" for the largest, which is pruned from the original as without it)."""
+    steps = sorted((q for q in ratios if r < q < 1), reverse=True)
+    return f"|progressive from {','.join(f'{q:g}' for q in steps)}" if args.progressive and steps else ""
+
+
 def recovered_path(out: str, model: str, ratio: float, args, recovery: str, chain: str = "") -> Path:
     """Where the pruned + recovered ``model`` is kept (its folder is created): named by model and ratio,
     plus a hash of what made it (min_keep, the recovery pass, the training images, ``chain``: the
@@ -672,9 +679,8 @@ def search_main(argv=None) -> dict:
     torch.set_num_threads(args.train_threads)
     for m, g in graphs.items():
         recovery = recovery_text(args, m)
-        files = {r: recovered_path(args.out, m, r, args, recovery + (
-                     f"|progressive from {','.join(f'{q:g}' for q in sorted(ratios[m]) if r < q < 1)}"
-                     if args.progressive else ""), chain=chain if m != "det" else "")
+        files = {r: recovered_path(args.out, m, r, args, recovery + progressive_key(args, ratios[m], r),
+                                   chain=chain if m != "det" else "")
                  for r in ratios[m] if r < 1}
         given = {r: load_model(str(f), {"x": INPUT_SHAPES[m]}).graph for r, f in files.items()
                  if args.reuse and f.exists()}
