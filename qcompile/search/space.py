@@ -35,7 +35,7 @@ instead of pruning and training again.
 recovery.  ``prune_pipeline(r_k)`` is then every step down to ``r_k``, which replays from the loaded
 model.  One large cut leaves a model that distillation can no longer train: RapidOCR's detector
 pruned to 0.30 of its MACs at once kept a constant output (validation loss 1.21 -> 1.08), while
-0.45 recovered first and then cut to 0.30 reached 0.15 (``benchmarks/RESULTS.md``).
+0.45 recovered first and then cut to 0.30 reached 0.14 (``benchmarks/RESULTS.md``).
 
 With more than one ratio a genome starts with the ratio's index in ``prune_ratios`` (sorted,
 largest first), followed by one choice index per layer.  Choices are stated for the *unpruned*
@@ -229,13 +229,15 @@ class SearchSpace:
         prev = self._previous(ratio)
         if prev:
             return ",".join(t for t in (self.prune_pipeline(prev), self._prune_step(ratio)) if t)
+        return self._prune_text(ratio)
+
+    def _prune_text(self, macs: float) -> str:
+        """``prune-channels`` keeping ``macs`` of its input's MACs, then the recovery (if any)."""
         from qcompile.passes.pipeline import format_value
 
-        options = {"macs": float(ratio), "criterion": self.prune_criterion, **self.prune_options}
+        options = {"macs": float(macs), "criterion": self.prune_criterion, **self.prune_options}
         text = "prune-channels{" + ",".join(f"{k}={format_value(v)}" for k, v in options.items()) + "}"
-        if self.prune_recovery:
-            text += "," + self.prune_recovery
-        return text
+        return text + ("," + self.prune_recovery if self.prune_recovery else "")
 
     def _previous(self, ratio: float) -> float | None:
         """With ``prune_progressive``: the next larger ratio below 1 (the model ``ratio`` is pruned from)."""
@@ -247,15 +249,9 @@ class SearchSpace:
     def _prune_step(self, ratio: float) -> str:
         """Progressive pruning: the text that takes the previous ratio's model to ``ratio`` ("" when that
         model is already within it); the previous model must exist."""
-        from qcompile.passes.pipeline import format_value
-
         prev = self._pruned[self._previous(ratio)].graph
         rel = ratio * L.compute_macs(self.graph) / max(L.compute_macs(prev), 1)
-        if rel >= 1.0:
-            return ""
-        options = {"macs": float(rel), "criterion": self.prune_criterion, **self.prune_options}
-        return "prune-channels{" + ",".join(f"{k}={format_value(v)}" for k, v in options.items()) + "}," + \
-            self.prune_recovery
+        return self._prune_text(rel) if rel < 1.0 else ""
 
     def _at(self, ratio: float) -> "SearchSpace":
         """The space whose ``graph`` is the model pruned at ``ratio`` (this one for 1.0)."""
