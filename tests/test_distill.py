@@ -174,7 +174,8 @@ def test_progressive_pruning_steps_from_the_previous_recovered_model_and_replays
     assert space.prune_stats[0.3]["from_ratio"] == 0.6 and space.prune_stats[0.3]["mac_ratio"] <= 0.3 + 1e-9
     assert [r.name for r in space.prune_records[0.3]] == ["prune-channels", "distill"]  # only the second step
     for la in space.layers:  # the 0.3 model keeps a subset of the 0.6 model's channels
-        assert all(a <= b for a, b in zip(space.layer(la.name, 0.3).weight_shape, space.layer(la.name, 0.6).weight_shape))
+        narrow, wide = space.layer(la.name, 0.3).weight_shape, space.layer(la.name, 0.6).weight_shape
+        assert all(a <= b for a, b in zip(narrow, wide))
     replayed = PassManager(parse_pipeline(p3)).run(g, PassContext(calibration=feeds, original=g))
     x = calib[:4]
     assert within_fp32_tolerance(run_reference(replayed, x), run_reference(space.pruned_graph(0.3), x), 1e-4, 1e-5)

@@ -174,7 +174,7 @@ def test_rounding_cliff_is_filled():
     lowest = B.macs_after(g, groups, B.keep_counts(groups, eligible, 0.49, 8, 0.1)) / before
     highest = B.macs_after(g, groups, B.keep_counts(groups, eligible, 0.5, 8, 0.1)) / before
     target = (lowest + highest) / 2
-    out = PassManager(parse_pipeline(f"prune-channels{{macs={target:.4f},min_keep=0.1}}")).run(g)
+    out = PassManager(parse_pipeline(f"prune-channels{{macs={target!r},min_keep=0.1}}")).run(g)
     got = compute_macs(out) / before
     assert lowest < got <= target + 1e-9, (lowest, got, target, highest)
 

@@ -6,11 +6,11 @@ resizes, depthwise convs, transposed convs (pruned like convs), residual adds (b
 same channels), concatenations (each branch is pruned on its own, the concatenation follows) and
 flattens into linear layers.
 
-Budget: ``macs=R`` keeps at most ``R`` of the conv/linear MACs (one keep ratio for every group, then
-the budget filled ``multiple`` channels at a time, :mod:`qcompile.prune.budget`), or ``latency=R`` keeps at most ``R`` of the whole model's
-*measured* latency on ``backend`` (the model pruned at ``probes`` keep ratios is built and timed
-interleaved with the original; the ratio meeting the budget is interpolated between probes, then
-its MACs are met exactly).  Selection within a group (:mod:`qcompile.prune.select`): ``magnitude``
+Budget: ``macs=R`` keeps at most ``R`` of the conv/linear MACs (one keep ratio for every group,
+then the budget filled ``multiple`` channels at a time, :mod:`qcompile.prune.budget`), or
+``latency=R`` keeps at most ``R`` of the whole model's *measured* latency on ``backend`` (the model
+pruned at ``probes`` keep ratios is built and timed interleaved with the original; the ratio meeting
+the budget is interpolated between probes, then its MACs are met exactly).  Selection within a group (:mod:`qcompile.prune.select`): ``magnitude``
 (filter norms), ``bn`` (batch-norm scales; run before ``fold-bn``), or ``qubo`` (importance vs
 redundancy on calibration activations, solved by simulated annealing).  With calibration data the
 mean of every removed channel is folded into the biases of the layers that read it

@@ -183,7 +183,8 @@ def search_and_compile(spec: str, target: str, out: str | Path, settings: Search
                        "use_predictor": settings.use_predictor, "finetune_epochs": settings.finetune_epochs,
                        "finetune_points": settings.finetune_points,
                        "prune_finetune_epochs": settings.prune_finetune_epochs,
-                       "prune_progressive": settings.prune_progressive, "threads": settings.threads, "reduce_range": space.reduce_range}
+                       "prune_progressive": settings.prune_progressive, "threads": settings.threads,
+                       "reduce_range": space.reduce_range}
     if data.test is not None:
         from qcompile.finetune import accuracy
 
