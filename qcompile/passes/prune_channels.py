@@ -10,12 +10,12 @@ Budget: ``macs=R`` keeps at most ``R`` of the conv/linear MACs (one keep ratio f
 then the budget filled ``multiple`` channels at a time, :mod:`qcompile.prune.budget`), or
 ``latency=R`` keeps at most ``R`` of the whole model's *measured* latency on ``backend`` (the model
 pruned at ``probes`` keep ratios is built and timed interleaved with the original; the ratio meeting
-the budget is interpolated between probes, then its MACs are met exactly).  Selection within a group (:mod:`qcompile.prune.select`): ``magnitude``
-(filter norms), ``bn`` (batch-norm scales; run before ``fold-bn``), or ``qubo`` (importance vs
-redundancy on calibration activations, solved by simulated annealing).  With calibration data the
-mean of every removed channel is folded into the biases of the layers that read it
-(``compensate``; :func:`qcompile.prune.rewrite.compensate_bias`).  The pruned model usually
-needs a short fine-tune (``qcompile finetune``) to recover accuracy.
+the budget is interpolated between probes, then its MACs are met exactly).  Selection within a
+group (:mod:`qcompile.prune.select`): ``magnitude`` (filter norms), ``bn`` (batch-norm scales; run
+before ``fold-bn``), or ``qubo`` (importance vs redundancy on calibration activations, solved by
+simulated annealing).  With calibration data the mean of every removed channel is folded into the
+biases of the layers that read it (``compensate``; :func:`qcompile.prune.rewrite.compensate_bias`).
+The pruned model usually needs a short fine-tune (``qcompile finetune``) to recover accuracy.
 """
 
 from __future__ import annotations
